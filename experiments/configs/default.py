@@ -1,0 +1,38 @@
+r"""The default experiment: a small OffSeg-family model on the synthetic dataset.
+
+Trains on 2 CPU cores in a few minutes with no download and reaches >= 0.80 val
+mIoU (the per-pixel colour baseline, ``pixel_linear``, stays below 0.5).
+
+  python -m offseg_jax.main --config=experiments/configs/default.py \
+      --workdir=/tmp/offseg_default
+
+Arguments after ':' pick a model, e.g. ``default.py:tiny`` for the small conv
+test model.
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None):
+  c = common.base_config()
+  c.seed = 0
+  c.batch_size = 16
+  c.total_steps = 1500
+  c.eval_every = 500
+  c.checkpoint_every = 250
+  c.log_every = 50
+
+  c.model.name = arg or "tiny"
+
+  c.data = common.data_config("synthetic", image_size=64, num_train=8192, num_val=256,
+                              crop_size=(64, 64))
+
+  c.optimizer.lr = 2e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.weight_decay = 0.01
+
+  c.eval.mode = "whole"
+  c.eval.crop_size = (64, 64)
+  c.eval.stride = (64, 64)
+  c.eval.batch_size = 32
+  return c

@@ -1,0 +1,283 @@
+"""Building blocks with PyTorch semantics, in NHWC.
+
+Every layer here is written so that an official PyTorch checkpoint converts by
+name alone (see ``offseg_jax.conversion.core``): a flax submodule is named like
+the torch submodule it mirrors (``'conv'``, ``'bn'``, ``'gn'``, ``'q.0'``...), a
+Conv's ``kernel`` is the torch ``weight`` transposed OIHW -> HWIO, a norm's
+``scale`` is the torch ``weight``, BatchNorm ``mean``/``var`` are the running stats.
+
+Torch semantics that matter and are reproduced here:
+  * convolutions pad symmetrically (explicit padding, never 'SAME');
+  * norm epsilons are 1e-5 unless a model says otherwise (flax defaults to 1e-6);
+  * BatchNorm momentum 0.1 in torch is flax momentum 0.9;
+  * GELU is the exact erf form;
+  * bilinear resize is ``align_corners=False`` without antialiasing, nearest
+    resize reads ``floor(dst * in / out)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def _pair(v) -> tuple[int, int]:
+  if isinstance(v, (tuple, list)):
+    assert len(v) == 2, v
+    return int(v[0]), int(v[1])
+  return int(v), int(v)
+
+
+def gelu(x):
+  """Exact (erf) GELU, as torch.nn.GELU() computes it."""
+  return nn.gelu(x, approximate=False)
+
+
+def activation(name: str | None):
+  """Returns the activation function called ``name`` (torch naming)."""
+  if name is None or name == "none":
+    return lambda x: x
+  table = {"relu": nn.relu, "gelu": gelu, "sigmoid": nn.sigmoid,
+           "relu6": nn.relu6, "silu": nn.silu, "hswish": nn.hard_swish}
+  key = name.lower()
+  if key not in table:
+    raise ValueError(f"Unknown activation {name!r}; known: {sorted(table)}")
+  return table[key]
+
+
+class Conv2d(nn.Module):
+  """torch.nn.Conv2d in NHWC with explicit symmetric padding.
+
+  ``padding`` is an int/pair of symmetric paddings (torch convention) or an
+  explicit ((top, bottom), (left, right)).
+  """
+  features: int
+  kernel_size: Any = 1
+  stride: Any = 1
+  padding: Any = 0
+  dilation: Any = 1
+  groups: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    if isinstance(self.padding, (tuple, list)) and isinstance(self.padding[0], (tuple, list)):
+      pad = tuple(tuple(int(p) for p in pp) for pp in self.padding)
+    else:
+      ph, pw = _pair(self.padding)
+      pad = ((ph, ph), (pw, pw))
+    kh, kw = _pair(self.kernel_size)
+    in_features = x.shape[-1]
+    if in_features % self.groups:
+      raise ValueError(f"{self.name}: {in_features} input channels not divisible "
+                       f"by groups={self.groups}")
+    kernel = self.param("kernel", self.kernel_init,
+                        (kh, kw, in_features // self.groups, self.features), jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=_pair(self.stride), padding=pad,
+        rhs_dilation=_pair(self.dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.groups)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Linear(nn.Module):
+  """torch.nn.Linear on the last axis (kernel stored (in, out))."""
+  features: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class BatchNorm(nn.Module):
+  """torch BatchNorm2d/SyncBatchNorm: eps 1e-5, momentum 0.1 (flax 0.9).
+
+  Under ``jax.jit`` with a batch sharded over a mesh, the statistics cover the
+  global batch, i.e. this behaves as SyncBN. Training updates running stats with
+  the unbiased batch variance, as torch does.
+  """
+  epsilon: float = 1e-5
+  momentum: float = 0.1          # torch convention
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    feat = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (feat,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (feat,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((feat,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((feat,), jnp.float32))
+    if train:
+      xf = x.astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      if not self.is_initializing():
+        n = int(np.prod([x.shape[a] for a in axes]))
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale
+    return (x * inv.astype(x.dtype) + (bias - mean * inv).astype(x.dtype)).astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm on NHWC (channels grouped contiguously), eps 1e-5."""
+  num_groups: int
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"{self.name}: {c} channels not divisible into {self.num_groups} groups")
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    g = xf.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    mean = jnp.mean(g, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+    g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (g.reshape(x.shape) * scale + bias).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm over the last axis; eps given explicitly (torch 1e-5)."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+
+
+class ConvModule(nn.Module):
+  """mmcv ConvModule: conv -> norm -> activation, torch names ``conv``/``bn``/``gn``.
+
+  ``use_bias='auto'`` follows mmcv: a bias only when there is no norm.
+  """
+  features: int
+  kernel_size: Any = 1
+  stride: Any = 1
+  padding: Any = 0
+  dilation: Any = 1
+  groups: int = 1
+  norm: str | None = None          # 'bn' | 'gn' | None
+  num_groups: int = 32
+  act: str | None = "relu"
+  use_bias: Any = "auto"
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    bias = (self.norm is None) if self.use_bias == "auto" else bool(self.use_bias)
+    x = Conv2d(self.features, self.kernel_size, self.stride, self.padding,
+               self.dilation, self.groups, use_bias=bias, dtype=self.dtype,
+               kernel_init=self.kernel_init, name="conv")(x)
+    if self.norm == "bn":
+      x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
+    elif self.norm == "gn":
+      x = GroupNorm(self.num_groups, dtype=self.dtype, name="gn")(x)
+    elif self.norm is not None:
+      raise ValueError(f"Unknown norm {self.norm!r}")
+    return activation(self.act)(x)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per sample (timm semantics); identity at eval or rate 0."""
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    rng = self.make_rng("dropout")
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------
+# Resizing with torch semantics.
+# ----------------------------------------------------------------------------
+
+def _linear_taps(n_in: int, n_out: int):
+  """Source indices/weights of torch bilinear, align_corners=False, per axis."""
+  scale = n_in / n_out
+  dst = np.arange(n_out, dtype=np.float64)
+  src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  w1 = (src - i0).astype(np.float32)
+  return i0, i1, w1
+
+
+def resize_bilinear(x, size: Sequence[int]):
+  """torch ``F.interpolate(mode='bilinear', align_corners=False)`` on NHWC ``x``.
+
+  Exact for up- and down-sampling (no antialiasing), separable gathers with
+  shapes known at trace time.
+  """
+  h_out, w_out = int(size[0]), int(size[1])
+  h_in, w_in = x.shape[1], x.shape[2]
+  if (h_in, w_in) == (h_out, w_out):
+    return x
+  dtype = x.dtype
+  if h_in != h_out:
+    i0, i1, w = _linear_taps(h_in, h_out)
+    w = jnp.asarray(w, dtype)[None, :, None, None]
+    x = jnp.take(x, i0, axis=1) * (1 - w) + jnp.take(x, i1, axis=1) * w
+  if w_in != w_out:
+    i0, i1, w = _linear_taps(w_in, w_out)
+    w = jnp.asarray(w, dtype)[None, None, :, None]
+    x = jnp.take(x, i0, axis=2) * (1 - w) + jnp.take(x, i1, axis=2) * w
+  return x
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  """torch ``mode='nearest'`` source indices: floor(dst * in / out), clamped."""
+  scale = n_in / n_out
+  return np.minimum(np.floor(np.arange(n_out) * scale).astype(np.int64), n_in - 1)
+
+
+def resize_nearest(x, size: Sequence[int]):
+  """torch ``F.interpolate(mode='nearest')`` on NHWC ``x`` (any integer dtype too)."""
+  h_out, w_out = int(size[0]), int(size[1])
+  if x.shape[1] != h_out:
+    x = jnp.take(x, nearest_indices(x.shape[1], h_out), axis=1)
+  if x.shape[2] != w_out:
+    x = jnp.take(x, nearest_indices(x.shape[2], w_out), axis=2)
+  return x

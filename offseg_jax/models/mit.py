@@ -1,0 +1,271 @@
+"""Mix Vision Transformer (MiT), the SegFormer backbone, in NHWC.
+
+Four stages, each: an overlapping patch embedding (strided conv + LayerNorm),
+blocks of efficient self-attention (keys/values spatially reduced by a strided
+conv) and Mix-FFN (1x1 conv, depthwise 3x3 conv, GELU, 1x1 conv), then a stage
+LayerNorm. All LayerNorms use eps 1e-6, as mmseg's MiT does.
+
+Submodules carry mmseg's names (``layers.{i}.0.projection``, ``layers.{i}.1.{j}
+.attn.attn.in_proj_weight``...), so an official checkpoint converts by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from offseg_jax.models import layers
+from offseg_jax.registry import BACKBONES
+
+_LN_EPS = 1e-6
+_trunc02 = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def torch_fan_out_normal(groups: int = 1):
+  """mmseg's conv init: N(0, 2 / fan_out), fan_out = kh * kw * out / groups.
+
+  Flax's ``variance_scaling`` cannot see the group count, which matters for
+  depthwise convolutions, hence this closure.
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    kh, kw, _, out = shape
+    std = np.sqrt(2.0 / (kh * kw * out // groups))
+    return std * jax.random.normal(key, shape, dtype)
+
+  return init
+
+
+# SegFormer sizes. Stage widths are embed_dims * num_heads[i]; every size uses
+# heads (1, 2, 5, 8) and the configs' stochastic depth 0.1.
+MIT_SIZES = {
+    size: dict(embed_dims=dims, num_layers=depths, num_heads=(1, 2, 5, 8),
+               drop_path_rate=0.1)
+    for size, dims, depths in (
+        ("b0", 32, (2, 2, 2, 2)),
+        ("b1", 64, (2, 2, 2, 2)),
+        ("b2", 64, (3, 4, 6, 3)),
+        ("b3", 64, (3, 4, 18, 3)),
+        ("b4", 64, (3, 8, 27, 3)),
+        ("b5", 64, (3, 6, 40, 3)),
+    )
+}
+
+
+class TorchMultiheadAttention(nn.Module):
+  """torch.nn.MultiheadAttention (batch first, no masks) on (B, N, C) tokens.
+
+  The packed projection stays in torch layout, ``in_proj_weight`` (3C, C) and
+  ``in_proj_bias`` (3C,): rows [0:C] project queries, [C:2C] keys, [2C:3C]
+  values; heads take contiguous channel slices (channel = head * d + j).
+  """
+  num_heads: int
+  attn_drop_rate: float = 0.0
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query, key_value, train: bool = False):
+    b, n, c = query.shape
+    m = key_value.shape[1]
+    h = self.num_heads
+    if c % h:
+      raise ValueError(f"{self.name}: {c} channels not divisible into {h} heads")
+    d = c // h
+    w_in = self.param("in_proj_weight", nn.initializers.xavier_uniform(), (3 * c, c),
+                      jnp.float32).astype(self.dtype)
+    q = query.astype(self.dtype) @ w_in[:c].T
+    k = key_value.astype(self.dtype) @ w_in[c:2 * c].T
+    v = key_value.astype(self.dtype) @ w_in[2 * c:].T
+    if self.use_bias:
+      b_in = self.param("in_proj_bias", nn.initializers.zeros, (3 * c,),
+                        jnp.float32).astype(self.dtype)
+      q, k, v = q + b_in[:c], k + b_in[c:2 * c], v + b_in[2 * c:]
+    q = q.reshape(b, n, h, d)
+    k = k.reshape(b, m, h, d)
+    v = v.reshape(b, m, h, d)
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q * (d ** -0.5), k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    if train and self.attn_drop_rate > 0:
+      weights = nn.Dropout(self.attn_drop_rate, deterministic=False)(weights)
+    out = jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(b, n, c)
+    return layers.Linear(c, dtype=self.dtype, kernel_init=_trunc02, name="out_proj")(out)
+
+
+class EfficientMultiheadAttention(nn.Module):
+  """SegFormer's spatial-reduction attention on an NHWC map (already normalised).
+
+  With ``sr_ratio > 1`` the keys/values come from a (sr x sr, stride sr) conv of
+  the map followed by a LayerNorm; the queries keep full resolution.
+  """
+  num_heads: int
+  sr_ratio: int = 1
+  attn_drop_rate: float = 0.0
+  qkv_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    b, hgt, wid, c = x.shape
+    kv = x
+    if self.sr_ratio > 1:
+      kv = layers.Conv2d(c, self.sr_ratio, self.sr_ratio, dtype=self.dtype,
+                         kernel_init=torch_fan_out_normal(), name="sr")(x)
+      kv = layers.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm")(kv)
+    tokens = x.reshape(b, hgt * wid, c)
+    kv = kv.reshape(b, -1, c)
+    out = TorchMultiheadAttention(self.num_heads, self.attn_drop_rate, self.qkv_bias,
+                                  dtype=self.dtype, name="attn")(tokens, kv, train)
+    return out.reshape(b, hgt, wid, c)
+
+
+class MixFFN(nn.Module):
+  """1x1 conv -> depthwise 3x3 conv -> GELU -> 1x1 conv (torch ``layers.{0,1,4}``)."""
+  hidden: int
+  drop_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    y = layers.Conv2d(self.hidden, 1, dtype=self.dtype, kernel_init=torch_fan_out_normal(),
+                      name="layers.0")(x)
+    y = layers.Conv2d(self.hidden, 3, padding=1, groups=self.hidden, dtype=self.dtype,
+                      kernel_init=torch_fan_out_normal(self.hidden), name="layers.1")(y)
+    y = layers.gelu(y)
+    if train and self.drop_rate > 0:
+      y = nn.Dropout(self.drop_rate, deterministic=False)(y)
+    y = layers.Conv2d(c, 1, dtype=self.dtype, kernel_init=torch_fan_out_normal(),
+                      name="layers.4")(y)
+    if train and self.drop_rate > 0:
+      y = nn.Dropout(self.drop_rate, deterministic=False)(y)
+    return y
+
+
+class MiTBlock(nn.Module):
+  """Pre-norm transformer block: x + DropPath(attn(LN x)); x + DropPath(ffn(LN x))."""
+  num_heads: int
+  sr_ratio: int
+  mlp_ratio: int = 4
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    y = layers.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm1")(x)
+    y = EfficientMultiheadAttention(self.num_heads, self.sr_ratio, self.attn_drop_rate,
+                                    self.qkv_bias, dtype=self.dtype, name="attn")(y, train)
+    if train and self.drop_rate > 0:      # mmcv's proj_drop after out_proj
+      y = nn.Dropout(self.drop_rate, deterministic=False)(y)
+    x = x + layers.DropPath(self.drop_path_rate)(y, train)
+    y = layers.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm2")(x)
+    y = MixFFN(self.mlp_ratio * c, self.drop_rate, dtype=self.dtype, name="ffn")(y, train)
+    return x + layers.DropPath(self.drop_path_rate)(y, train)
+
+
+class PatchEmbed(nn.Module):
+  """Overlapping patch embedding: conv (k, stride s, pad k//2) then LayerNorm."""
+  features: int
+  kernel_size: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.Conv2d(self.features, self.kernel_size, self.stride, self.kernel_size // 2,
+                      dtype=self.dtype, kernel_init=torch_fan_out_normal(),
+                      name="projection")(x)
+    return layers.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm")(x)
+
+
+class MixVisionTransformer(nn.Module):
+  """MiT backbone: NHWC image -> tuple of NHWC maps at strides 4, 8, 16, 32.
+
+  Attributes mirror mmseg's ``MixVisionTransformer`` constructor. Stage i has
+  ``embed_dims * num_heads[i]`` channels. Stochastic depth grows linearly from
+  0 to ``drop_path_rate`` over all blocks (rng stream ``'dropout'``).
+  """
+  embed_dims: int = 64
+  num_layers: Sequence[int] = (3, 4, 6, 3)
+  num_heads: Sequence[int] = (1, 2, 4, 8)
+  patch_sizes: Sequence[int] = (7, 3, 3, 3)
+  strides: Sequence[int] = (4, 2, 2, 2)
+  sr_ratios: Sequence[int] = (8, 4, 2, 1)
+  out_indices: Sequence[int] = (0, 1, 2, 3)
+  mlp_ratio: int = 4
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    n_stages = len(self.num_layers)
+    if not (n_stages == len(self.num_heads) == len(self.patch_sizes) == len(self.strides)
+            == len(self.sr_ratios)):
+      raise ValueError("num_layers, num_heads, patch_sizes, strides and sr_ratios must "
+                       "have one entry per stage")
+    rates = np.linspace(0.0, self.drop_path_rate, sum(self.num_layers))
+    x, outs, block = images, [], 0
+    for i in range(n_stages):
+      width = self.embed_dims * self.num_heads[i]
+      x = PatchEmbed(width, self.patch_sizes[i], self.strides[i], dtype=self.dtype,
+                     name=f"layers.{i}.0")(x)
+      for j in range(self.num_layers[i]):
+        x = MiTBlock(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio, self.qkv_bias,
+                     self.drop_rate, self.attn_drop_rate, float(rates[block]),
+                     dtype=self.dtype, name=f"layers.{i}.1.{j}")(x, train)
+        block += 1
+      x = layers.LayerNorm(_LN_EPS, dtype=self.dtype, name=f"layers.{i}.2")(x)
+      if i in self.out_indices:
+        outs.append(x)
+    return tuple(outs)
+
+
+def mit_config_from_official(cfg: dict) -> dict:
+  """Maps an mmseg ``MixVisionTransformer`` config onto our constructor fields."""
+  if cfg.get("type", "MixVisionTransformer") != "MixVisionTransformer":
+    raise ValueError(f"Not a MixVisionTransformer config: {cfg.get('type')!r}")
+  if cfg.get("in_channels", 3) != 3:
+    raise ValueError("Only 3-channel inputs are supported")
+  norm = cfg.get("norm_cfg", {"type": "LN", "eps": 1e-6})
+  if norm.get("type") != "LN" or norm.get("eps", 1e-5) != _LN_EPS:
+    raise ValueError(f"MiT norm_cfg {norm} is not supported (LayerNorm eps 1e-6 only)")
+  act = cfg.get("act_cfg", {"type": "GELU"})
+  if act.get("type") != "GELU":
+    raise ValueError(f"MiT act_cfg {act} is not supported (GELU only)")
+  out = {}
+  for field in ("embed_dims", "num_layers", "num_heads", "patch_sizes", "strides",
+                "sr_ratios", "out_indices", "mlp_ratio", "qkv_bias", "drop_rate",
+                "attn_drop_rate", "drop_path_rate"):
+    if field in cfg:
+      value = cfg[field]
+      out[field] = tuple(value) if isinstance(value, (list, tuple)) else value
+  if "num_stages" in cfg and cfg["num_stages"] != len(out.get("num_layers", (0,) * 4)):
+    raise ValueError("num_stages does not match num_layers")
+  return out
+
+
+def _register_backbones():
+  @BACKBONES.register("mit")
+  def build_mit(**overrides):
+    """MixVisionTransformer with mmseg's constructor defaults, any field overridable."""
+    return MixVisionTransformer(**overrides)
+
+  for size, fields in MIT_SIZES.items():
+    def build(_fields=fields, **overrides):
+      return MixVisionTransformer(**{**_fields, **overrides})
+    build.__doc__ = f"MiT-{size.upper()} (SegFormer-{size.upper()} backbone)."
+    BACKBONES.register(f"mit_{size}")(build)
+
+
+_register_backbones()

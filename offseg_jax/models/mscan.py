@@ -1,0 +1,231 @@
+"""MSCAN, the SegNeXt backbone (multi-scale convolutional attention), in NHWC.
+
+Stage 1 embeds with two stride-2 3x3 convs (``patch_embed1.proj.{0,1,3,4}``),
+stages 2-4 with one stride-2 3x3 conv + BN (``patch_embed{k}.proj/norm``). A block
+is ``x + DropPath(ls1 * SA(BN x))`` then ``x + DropPath(ls2 * Mlp(BN x))``, where
+the spatial attention SA gates a 1x1-projected, GELU-activated input with the sum
+of a 5x5 depthwise conv and three strip-conv branches (1x7/7x1, 1x11/11x1,
+1x21/21x1). Each stage ends in a LayerNorm (eps 1e-5); all four stages are output.
+
+BatchNorm: mmseg's SegNeXt configs use plain (unsynced) BN, so each GPU
+normalises over its own 2 images. Our ``BatchNorm`` under ``jax.jit`` uses the
+global batch (SyncBN behaviour); to mimic per-device statistics, run the
+backbone on per-device sub-batches (e.g. ``shard_map`` or a ghost-batch
+reshape) in the training step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from offseg_jax.models import layers
+from offseg_jax.models.mit import torch_fan_out_normal
+from offseg_jax.registry import BACKBONES
+
+MSCAN_SIZES = {
+    "t": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2)),
+    "s": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 4, 2)),
+    "b": dict(embed_dims=(64, 128, 320, 512), depths=(3, 3, 12, 3)),
+}
+# Every SegNeXt config uses MLP ratios (8, 8, 4, 4) and stochastic depth 0.1.
+for _fields in MSCAN_SIZES.values():
+  _fields.update(mlp_ratios=(8, 8, 4, 4), drop_path_rate=0.1)
+
+_DEFAULT_KERNELS = (5, (1, 7), (1, 11), (1, 21))
+_DEFAULT_PADDINGS = (2, (0, 3), (0, 5), (0, 10))
+
+
+def _conv(features, kernel, padding=0, stride=1, groups=1, dtype=jnp.float32, name=None):
+  return layers.Conv2d(features, kernel, stride, padding, groups=groups, dtype=dtype,
+                       kernel_init=torch_fan_out_normal(groups), name=name)
+
+
+def _flip(pair):
+  """(a, b) -> (b, a): the second conv of a strip branch is the transposed strip."""
+  return (pair[1], pair[0])
+
+
+class MSCAAttention(nn.Module):
+  """Multi-scale conv attention: conv3(a + sum of strip branches(a)) * u, a = DW5x5(u)."""
+  kernel_sizes: Sequence[Any] = _DEFAULT_KERNELS
+  paddings: Sequence[Any] = _DEFAULT_PADDINGS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, u):
+    c = u.shape[-1]
+    attn = _conv(c, self.kernel_sizes[0], self.paddings[0], groups=c, dtype=self.dtype,
+                 name="conv0")(u)
+    total = attn
+    for i, (kernel, pad) in enumerate(zip(self.kernel_sizes[1:], self.paddings[1:])):
+      branch = _conv(c, tuple(kernel), tuple(pad), groups=c, dtype=self.dtype,
+                     name=f"conv{i}_1")(attn)
+      branch = _conv(c, _flip(kernel), _flip(pad), groups=c, dtype=self.dtype,
+                     name=f"conv{i}_2")(branch)
+      total = total + branch
+    return _conv(c, 1, dtype=self.dtype, name="conv3")(total) * u
+
+
+class MSCASpatialAttention(nn.Module):
+  """proj_2(MSCA(GELU(proj_1(x)))) + x (a residual onto the normalised input)."""
+  kernel_sizes: Sequence[Any] = _DEFAULT_KERNELS
+  paddings: Sequence[Any] = _DEFAULT_PADDINGS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    y = layers.gelu(_conv(c, 1, dtype=self.dtype, name="proj_1")(x))
+    y = MSCAAttention(self.kernel_sizes, self.paddings, dtype=self.dtype,
+                      name="spatial_gating_unit")(y)
+    return _conv(c, 1, dtype=self.dtype, name="proj_2")(y) + x
+
+
+class Mlp(nn.Module):
+  """1x1 conv -> depthwise 3x3 conv -> GELU -> 1x1 conv (dropout after GELU and fc2)."""
+  hidden: int
+  drop_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    y = _conv(self.hidden, 1, dtype=self.dtype, name="fc1")(x)
+    y = _conv(self.hidden, 3, 1, groups=self.hidden, dtype=self.dtype, name="dwconv")(y)
+    y = layers.gelu(y)
+    if train and self.drop_rate > 0:
+      y = nn.Dropout(self.drop_rate, deterministic=False)(y)
+    y = _conv(c, 1, dtype=self.dtype, name="fc2")(y)
+    if train and self.drop_rate > 0:
+      y = nn.Dropout(self.drop_rate, deterministic=False)(y)
+    return y
+
+
+class MSCABlock(nn.Module):
+  """BN pre-norm block with per-channel layer scales (init 1e-2)."""
+  mlp_ratio: float = 4.0
+  kernel_sizes: Sequence[Any] = _DEFAULT_KERNELS
+  paddings: Sequence[Any] = _DEFAULT_PADDINGS
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    scale_init = nn.initializers.constant(1e-2)
+    ls1 = self.param("layer_scale_1", scale_init, (c,), jnp.float32)
+    ls2 = self.param("layer_scale_2", scale_init, (c,), jnp.float32)
+    y = layers.BatchNorm(dtype=self.dtype, name="norm1")(x, train)
+    y = MSCASpatialAttention(self.kernel_sizes, self.paddings, dtype=self.dtype,
+                             name="attn")(y)
+    x = x + layers.DropPath(self.drop_path_rate)(ls1.astype(self.dtype) * y, train)
+    y = layers.BatchNorm(dtype=self.dtype, name="norm2")(x, train)
+    y = Mlp(int(c * self.mlp_ratio), self.drop_rate, dtype=self.dtype, name="mlp")(y, train)
+    return x + layers.DropPath(self.drop_path_rate)(ls2.astype(self.dtype) * y, train)
+
+
+class StemConv(nn.Module):
+  """conv3x3 s2 -> BN -> GELU -> conv3x3 s2 -> BN (torch ``proj.{0,1,3,4}``)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = _conv(self.features // 2, 3, 1, 2, dtype=self.dtype, name="proj.0")(x)
+    x = layers.gelu(layers.BatchNorm(dtype=self.dtype, name="proj.1")(x, train))
+    x = _conv(self.features, 3, 1, 2, dtype=self.dtype, name="proj.3")(x)
+    return layers.BatchNorm(dtype=self.dtype, name="proj.4")(x, train)
+
+
+class OverlapPatchEmbed(nn.Module):
+  """conv3x3 s2 p1 -> BN (torch ``proj`` / ``norm``), stages 2-4."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = _conv(self.features, 3, 1, 2, dtype=self.dtype, name="proj")(x)
+    return layers.BatchNorm(dtype=self.dtype, name="norm")(x, train)
+
+
+class MSCAN(nn.Module):
+  """MSCAN backbone: NHWC image -> tuple of 4 NHWC maps at strides 4, 8, 16, 32.
+
+  Attributes mirror mmseg's ``MSCAN`` constructor (defaults included).
+  Stochastic depth grows linearly from 0 to ``drop_path_rate`` over all blocks.
+  """
+  embed_dims: Sequence[int] = (64, 128, 256, 512)
+  mlp_ratios: Sequence[float] = (4, 4, 4, 4)
+  depths: Sequence[int] = (3, 4, 6, 3)
+  attention_kernel_sizes: Sequence[Any] = _DEFAULT_KERNELS
+  attention_kernel_paddings: Sequence[Any] = _DEFAULT_PADDINGS
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    if not len(self.embed_dims) == len(self.mlp_ratios) == len(self.depths):
+      raise ValueError("embed_dims, mlp_ratios and depths need one entry per stage")
+    rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+    x, outs, block = images, [], 0
+    for i, width in enumerate(self.embed_dims):
+      if i == 0:
+        x = StemConv(width, dtype=self.dtype, name="patch_embed1")(x, train)
+      else:
+        x = OverlapPatchEmbed(width, dtype=self.dtype, name=f"patch_embed{i + 1}")(x, train)
+      for j in range(self.depths[i]):
+        x = MSCABlock(self.mlp_ratios[i], self.attention_kernel_sizes,
+                      self.attention_kernel_paddings, self.drop_rate, float(rates[block]),
+                      dtype=self.dtype, name=f"block{i + 1}.{j}")(x, train)
+        block += 1
+      x = layers.LayerNorm(1e-5, dtype=self.dtype, name=f"norm{i + 1}")(x)
+      outs.append(x)
+    return tuple(outs)
+
+
+def _nested_tuple(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_nested_tuple(v) for v in value)
+  return value
+
+
+def mscan_config_from_official(cfg: dict) -> dict:
+  """Maps an mmseg ``MSCAN`` config onto our constructor fields."""
+  if cfg.get("type", "MSCAN") != "MSCAN":
+    raise ValueError(f"Not an MSCAN config: {cfg.get('type')!r}")
+  if cfg.get("in_channels", 3) != 3:
+    raise ValueError("Only 3-channel inputs are supported")
+  if cfg.get("num_stages", 4) != 4:
+    raise ValueError("MSCAN always has 4 stages here")
+  norm = cfg.get("norm_cfg", {"type": "SyncBN"})
+  if norm.get("type") not in ("BN", "SyncBN"):
+    raise ValueError(f"MSCAN norm_cfg {norm} is not supported (BN / SyncBN only)")
+  act = cfg.get("act_cfg", {"type": "GELU"})
+  if act.get("type") != "GELU":
+    raise ValueError(f"MSCAN act_cfg {act} is not supported (GELU only)")
+  return {field: _nested_tuple(cfg[field])
+          for field in ("embed_dims", "mlp_ratios", "depths", "attention_kernel_sizes",
+                        "attention_kernel_paddings", "drop_rate", "drop_path_rate")
+          if field in cfg}
+
+
+def _register_backbones():
+  @BACKBONES.register("mscan")
+  def build_mscan(**overrides):
+    """MSCAN with mmseg's constructor defaults, any field overridable."""
+    return MSCAN(**overrides)
+
+  for size, fields in MSCAN_SIZES.items():
+    def build(_fields=fields, **overrides):
+      return MSCAN(**{**_fields, **overrides})
+    build.__doc__ = f"MSCAN-{size.upper()} (SegNeXt-{size.upper()} backbone)."
+    BACKBONES.register(f"mscan_{size}")(build)
+
+
+_register_backbones()
