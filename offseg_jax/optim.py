@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import flax
+import jax.numpy as jnp
 import optax
 
 from offseg_jax.conversion.core import torch_key
@@ -41,6 +42,11 @@ def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int,
   warm = optax.linear_schedule(base_lr * warmup_start_factor, base_lr,
                                transition_steps=max(warmup_steps - 1, 1))
   return optax.join_schedules([warm, decay], boundaries=[warmup_steps])
+
+
+def clipped(schedule, floor: float = 0.0):
+  """``schedule`` never below ``floor`` (float round-off can end at -1e-11)."""
+  return lambda step: jnp.maximum(schedule(step), floor)
 
 
 def _match(name: str, custom_keys: Mapping[str, Mapping[str, float]]):
@@ -88,8 +94,9 @@ def frozen_names(params, model_config) -> tuple[str, ...]:
 def build_optimizer(config, params):
   """optax AdamW (per-group lr/decay multipliers) and the lr schedule."""
   opt = config.optimizer
-  schedule = lr_schedule(opt.lr, config.total_steps, opt.warmup_steps,
-                         opt.warmup_start_factor, opt.poly_power, opt.end_lr)
+  schedule = clipped(lr_schedule(opt.lr, config.total_steps, opt.warmup_steps,
+                                 opt.warmup_start_factor, opt.poly_power, opt.end_lr),
+                     floor=min(opt.end_lr, opt.lr))
   custom = {k: dict(v) for k, v in dict(opt.custom_keys).items()}
   labels, groups = param_groups(params, custom, frozen_names(params, config.model))
 

@@ -171,7 +171,7 @@ def _strided_copy(flat: np.ndarray, offset, size, stride, what: str) -> np.ndarr
   view = np.lib.stride_tricks.as_strided(
       flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride],
       writeable=False)
-  return np.array(view, dtype=flat.dtype.newbyteorder("="))
+  return np.array(view, dtype=flat.dtype.newbyteorder("="), order="C")
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):

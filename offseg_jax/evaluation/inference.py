@@ -193,6 +193,26 @@ def _finish(canvas, count, *, valid_hw, out_hw, flip, output):
   return logits
 
 
+def local_copy(variables, device):
+  """Puts a pytree on one local device, gathering globally sharded arrays.
+
+  Training keeps variables on a multi-process mesh; inference here runs each
+  image on a single local device, so every leaf must be whole on this process.
+  Call it on all processes together when leaves are sharded across them.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        x = x.addressable_shards[0].data
+      else:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_put(x, device)
+
+  return jax.tree_util.tree_map(one, variables)
+
+
 class Segmenter:
   """Applies a segmentation model to single test images (mmseg test semantics).
 
@@ -214,7 +234,7 @@ class Segmenter:
     self.mean = np.asarray(mean, np.float32)
     self.std = np.asarray(std, np.float32)
     self.device = device or jax.local_devices()[0]
-    self.variables = jax.device_put(variables, self.device)
+    self.variables = local_copy(variables, self.device)
     self._apply: Callable = model.apply if hasattr(model, "apply") else model
     self._key = jax.random.key(seed)
     self._calls = 0
@@ -233,7 +253,8 @@ class Segmenter:
     self._calls += 1
     return jax.random.fold_in(self._key, self._calls)
 
-  def _put(self, array):
+  def put(self, array):
+    """Copies a host array (or pytree) to this segmenter's device."""
     return jax.device_put(array, self.device)
 
   def normalize(self, image: np.ndarray) -> np.ndarray:
@@ -245,7 +266,7 @@ class Segmenter:
   # --- one view ---------------------------------------------------------------
 
   def _whole(self, image: np.ndarray):
-    return self._forward(self.variables, self._put(image[None]), self._next_key())[0], None
+    return self._forward(self.variables, self.put(image[None]), self._next_key())[0], None
 
   def _slide(self, image: np.ndarray):
     height, width, channels = image.shape
@@ -268,12 +289,12 @@ class Segmenter:
         origins[j] = (y1, x1)
         valid[j] = True
         count[y1:y2, x1:x2] += 1
-      logits = self._forward(self.variables, self._put(crops), self._next_key())
+      logits = self._forward(self.variables, self.put(crops), self._next_key())
       if canvas is None:
         canvas = jnp.zeros((height, width, logits.shape[-1]), jnp.float32,
                            device=self.device)
-      canvas = self._accumulate(canvas, logits, self._put(origins), self._put(valid))
-    return canvas, self._put(count)
+      canvas = self._accumulate(canvas, logits, self.put(origins), self.put(valid))
+    return canvas, self.put(count)
 
   def view(self, image: np.ndarray, out_hw: Sequence[int], *, flip: bool = False,
            output: str = "logits") -> jax.Array:

@@ -16,8 +16,8 @@ scale_factor 1, up_group 1), which is the official repo copy's defaults.
 CARAFE follows the CUDA op the official code runs: zero padding, no
 renormalisation at borders, output pixel (Y, X) reads the k x k neighbourhood of
 the low-res parent (floor(Y/s), floor(X/s)), mask channel (group*k + row)*k + col.
-It is computed by shift-and-accumulate, so nothing k^2 times the output is ever
-materialised (autodiff gives exact gradients).
+It is computed by shift-and-accumulate over the k^2 taps, so nothing k^2 times
+the output is ever materialised, in the forward pass or its gradient.
 """
 
 from __future__ import annotations
@@ -59,16 +59,23 @@ def carafe(x, masks, kernel_size: int, scale: int, groups: int = 1):
   if c % groups:
     raise ValueError(f"CARAFE: {c} channels not divisible into {groups} groups")
   r = (k - 1) // 2
-  xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
-  xp = xp.reshape(b, h + 2 * r, w + 2 * r, groups, c // groups)
-  # Output pixel (s*y + i, s*x + j) as axes (y, i, x, j): the shifted low-res view
-  # broadcasts over the sub-pixel axes i, j, so no nearest-upsampled copy is made.
+  cg = c // groups
+  xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0))).reshape(b, h + 2 * r, w + 2 * r, groups, cg)
+  # Tap-major masks, so each tap's kernel plane is one contiguous slice. Output
+  # pixel (s*y + i, s*x + j) is laid out as axes (y, i, x, j): the shifted low-res
+  # view then broadcasts over the sub-pixel axes, no upsampled copy is made.
   m = masks.reshape(b, h, s, w, s, groups, k * k).astype(x.dtype)
-  out = jnp.zeros((b, h, s, w, s, groups, c // groups), x.dtype)
-  for p in range(k):
-    for q in range(k):
-      view = xp[:, p:p + h, q:q + w][:, :, None, :, None]          # (b, h, 1, w, 1, g, c/g)
-      out = out + view * m[..., p * k + q, None]
+  m = jnp.moveaxis(m, -1, 0)[..., None]                    # (k*k, b, h, s, w, s, g, 1)
+
+  # A rolled loop keeps the program small (fast compiles, one fused kernel per
+  # tap); rematerialising the tap keeps autodiff from stacking k*k shifted views.
+  @jax.checkpoint
+  def tap(t, xp, m):
+    view = jax.lax.dynamic_slice(xp, (0, t // k, t % k, 0, 0), (b, h, w, groups, cg))
+    return view[:, :, None, :, None] * m[t]
+
+  out = jax.lax.fori_loop(0, k * k, lambda t, acc: acc + tap(t, xp, m),
+                          jnp.zeros((b, h, s, w, s, groups, cg), x.dtype))
   return out.reshape(b, s * h, s * w, c)
 
 

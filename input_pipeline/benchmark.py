@@ -1,0 +1,177 @@
+"""Throughput of the full training input pipeline (images/s).
+
+  python -m input_pipeline.benchmark --config experiments/configs/X.py[:arg] \
+      [--workers 8] [--batches 20] [--batch_size 8] [--fake 32]
+
+Runs decode + RandomResize/RandomCrop/RandomFlip/PhotoMetricDistortion +
+normalise + pad + batch through grain with ``--workers`` threads, at the
+config's crop size, and prints images/s (wall clock) and CPU-ms per image (a
+figure that carries over between machines and is less sensitive to other jobs
+sharing the CPUs), plus a single-thread breakdown per stage.
+
+``--fake N`` writes N generated photo-like examples per split in the layout of
+``data.name`` (at that dataset's usual image size, or ``--fake_size W,H``) to a
+temporary folder and benchmarks those, so no download is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import cv2
+from ml_collections import config_flags
+import numpy as np
+
+from input_pipeline import datasets
+from input_pipeline import transforms
+
+# Typical image size (w, h) of each dataset, for --fake.
+FAKE_SIZES = {"ade20k": (683, 512), "cityscapes": (2048, 1024), "coco_stuff164k": (640, 480),
+              "pascal_context59": (500, 375), "bdd100k": (1280, 720), "custom": (640, 512)}
+
+
+def _fake_pair(rng: np.random.Generator, width: int, height: int, num_values: int):
+  """A photo-like RGB image (smooth colour field + mild noise) and a blocky label."""
+  coarse = rng.integers(0, 256, (height // 48 + 2, width // 48 + 2, 3), dtype=np.uint8)
+  image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+  image = np.clip(image + rng.normal(0.0, 4.0, image.shape), 0, 255).astype(np.uint8)
+  coarse_label = rng.integers(0, num_values, (height // 96 + 2, width // 96 + 2), dtype=np.uint8)
+  label = cv2.resize(coarse_label, (width, height), interpolation=cv2.INTER_NEAREST)
+  return image, label
+
+
+def write_fake_dataset(data_config, root: str, num_per_split: int,
+                       size: tuple[int, int] | None = None, seed: int = 0) -> None:
+  """Writes generated examples in the folder layout configured by ``data_config``.
+
+  File names follow the dataset's conventions (``<city>/<city>_..._leftImg8bit
+  .png`` for Cityscapes); labels use the stored convention (0 = ignore and
+  1..K when ``reduce_zero_label``).
+  """
+  info = datasets.dataset_info(data_config)
+  width, height = size or FAKE_SIZES.get(data_config.name, (640, 512))
+  num_values = info.num_classes + (1 if info.reduce_zero_label else 0)
+  rng = np.random.default_rng(seed)
+  for split in ("train", "val"):
+    split_dir = data_config.split_names.get(split, split)
+    img_dir = os.path.join(root, data_config.img_dir.format(split=split_dir))
+    ann_dir = os.path.join(root, data_config.ann_dir.format(split=split_dir))
+    stems = [(f"fake/fake_{split}_{i:06d}" if data_config.name == "cityscapes"
+              else f"fake_{split}_{i:06d}") for i in range(num_per_split)]
+    for stem in stems:
+      image, label = _fake_pair(rng, width, height, num_values)
+      image_path = os.path.join(img_dir, stem + data_config.img_suffix)
+      label_path = os.path.join(ann_dir, stem + data_config.seg_suffix)
+      for path in (image_path, label_path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+      cv2.imwrite(image_path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+      cv2.imwrite(label_path, label)
+    if data_config.split_file:
+      split_file = os.path.join(root, data_config.split_file.format(split=split_dir))
+      os.makedirs(os.path.dirname(split_file), exist_ok=True)
+      with open(split_file, "w") as f:
+        f.write("\n".join(stems) + "\n")
+
+
+def stage_times(source, train_transform, finalize, num_examples: int = 8, seed: int = 0):
+  """CPU milliseconds per example of each stage: (decode, augment, normalise+pad).
+
+  Measured as this thread's CPU time, so other jobs on the machine barely
+  affect it (cv2's own worker threads, if any, are not counted).
+  """
+  rng = np.random.default_rng(seed)
+  totals = np.zeros(3)
+  n = min(num_examples, len(source))
+  for i in range(n):
+    t0 = time.thread_time()
+    example = source[i]
+    t1 = time.thread_time()
+    example = train_transform(example, rng)
+    t2 = time.thread_time()
+    finalize(example)
+    totals += (t1 - t0, t2 - t1, time.thread_time() - t2)
+  return tuple(1000.0 * totals / max(n, 1))
+
+
+def benchmark(data_config, split: str = "train", workers: int = 8, batches: int = 20,
+              batch_size: int = 8, warmup: int = 2, prefetch: int | None = None,
+              seed: int = 0, log=print) -> dict:
+  """Times ``batches`` batches of the grain training pipeline; returns the figures."""
+  import grain  # pylint: disable=g-import-not-at-top
+  source = datasets.build_source(data_config, split)
+  train_transform = transforms.build_train_transform(data_config)
+  finalize = transforms.build_train_finalize(data_config)
+  dataset = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+             .random_map(train_transform, seed=seed).map(finalize)
+             .batch(batch_size, drop_remainder=True))
+  read_options = grain.ReadOptions(num_threads=workers,
+                                   prefetch_buffer_size=prefetch or max(workers, 1))
+  iterator = iter(dataset.to_iter_dataset(read_options))
+  try:
+    for _ in range(warmup):
+      batch = next(iterator)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+      batch = next(iterator)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  finally:
+    close = getattr(iterator, "close", None)
+    if close:
+      close()
+  images = batches * batch_size
+  result = {
+      "images_per_s": images / wall, "cpu_ms_per_image": 1000.0 * cpu / images,
+      "batch_image_shape": tuple(batch["image"].shape), "workers": workers,
+      "cpu_count": os.cpu_count(),
+  }
+  decode_ms, augment_ms, finalize_ms = stage_times(source, train_transform, finalize, seed=seed)
+  result.update(decode_ms=decode_ms, augment_ms=augment_ms, finalize_ms=finalize_ms)
+  sizes = {source[i]["image"].shape[:2] for i in range(min(4, len(source)))}
+  log(f"{data_config.name}/{split}: {len(source)} examples, image sizes (h, w) {sorted(sizes)}, "
+      f"crop {tuple(data_config.crop_size)}, batch {batch_size}, {workers} grain threads, "
+      f"{os.cpu_count()} CPUs")
+  log(f"  {result['images_per_s']:.1f} images/s, {result['cpu_ms_per_image']:.1f} CPU-ms/image "
+      f"({batches} batches of {result['batch_image_shape']} after {warmup} warm-up)")
+  log(f"  single-thread CPU-ms/example: decode {decode_ms:.1f}, resize+crop+flip+photometric "
+      f"{augment_ms:.1f}, normalise+pad {finalize_ms:.1f}")
+  bad_files = getattr(source, "bad_files", None)
+  if bad_files is not None and len(bad_files):
+    log(bad_files.summary())
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  data_config = datasets.data_config_of(f.config)
+  workers = f.workers if f.workers is not None else int(data_config.num_threads)
+  options = dict(split=f.split, workers=workers, batches=f.batches, batch_size=f.batch_size,
+                 warmup=f.warmup, prefetch=f.prefetch)
+  if not f.fake:
+    benchmark(data_config, **options)
+    return
+  size = tuple(int(v) for v in f.fake_size.split(",")) if f.fake_size else None
+  with tempfile.TemporaryDirectory() as root:
+    with data_config.unlocked():
+      data_config.root = root
+    write_fake_dataset(data_config, root, f.fake, size)
+    benchmark(data_config, **options)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Experiment config: path.py[:arg].",
+                                  lock_config=True)
+  flags.DEFINE_string("split", "train", "Split to read.")
+  flags.DEFINE_integer("workers", None, "grain threads (default data.num_threads).")
+  flags.DEFINE_integer("batches", 20, "Timed batches.")
+  flags.DEFINE_integer("batch_size", 8, "Examples per batch.")
+  flags.DEFINE_integer("warmup", 2, "Untimed batches first.")
+  flags.DEFINE_integer("prefetch", None, "grain prefetch buffer (default = workers).")
+  flags.DEFINE_integer("fake", 0, "Generate N fake examples per split and benchmark those.")
+  flags.DEFINE_string("fake_size", "", "Fake image size 'W,H' (default: the dataset's usual).")
+  app.run(main)

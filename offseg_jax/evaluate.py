@@ -1,0 +1,170 @@
+r"""Evaluate a checkpoint (or a folder of predictions) on a dataset split.
+
+mmseg's ``tools/test.py``, jitted::
+
+  python -m offseg_jax.evaluate --config=experiments/configs/default.py \
+      --checkpoint=/tmp/offseg_default [--tta] [--mode=slide] [--output=DIR] \
+      [--config.eval.batch_size=4]
+
+``--checkpoint`` takes a training workdir (latest step, or ``--which=best``), a
+step directory (restored onto however many devices this run has) or a converted
+official checkpoint. ``--predictions=DIR`` scores label PNGs instead of running a
+model (``DIR/<name>.png`` per example, in the dataset's label convention, e.g.
+``predict``'s ``raw/`` folder).
+
+Prints the per-class table and writes to ``--output`` (default: the workdir, or
+the directory holding the checkpoint): ``metrics.json`` (percent; per-class by
+class name; null = class absent from ground truth and prediction),
+``confusion.npy`` (int64, rows = ground truth), ``confusion.png`` and
+``report.md`` with per-class IoU, confusion, sample overlays and training
+curves (when the workdir has TensorBoard events).
+
+Every image is scored exactly once on any number of processes: run the same
+command on every host (``--coordinator_address`` etc., or a detected cluster).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def default_output_dir(checkpoint: str | None, predictions: str | None = None) -> Path:
+  """The workdir of a training checkpoint, else the checkpoint's directory.
+
+  For ``--predictions DIR`` it is ``DIR/../eval`` (next to ``predict``'s
+  ``raw/`` folder) so results never mix with the PNGs being scored.
+  """
+  if predictions:
+    return Path(predictions).resolve().parent / "eval"
+  path = Path(checkpoint).resolve()
+  if (path / "checkpoints").is_dir():
+    return path                                  # a workdir
+  if path.name == "checkpoints":
+    return path.parent
+  if path.parent.name == "checkpoints" and path.name.isdigit():
+    return path.parent.parent                    # WORKDIR/checkpoints/<step>
+  return path if path.is_dir() else path.parent
+
+
+def _workdir_of(checkpoint: str | None) -> Path | None:
+  if not checkpoint:
+    return None
+  out = default_output_dir(checkpoint)
+  return out if (out / "checkpoints").is_dir() else None
+
+
+def run(config, checkpoint: str | None = None, *, predictions: str | None = None,
+        output: str | None = None, split: str = "val", mode: str | None = None,
+        tta: bool | None = None, which: str = "latest", max_images: int | None = None,
+        num_samples: int = 4, report: bool = True, progress: bool = True) -> dict[str, Any]:
+  """Evaluates and writes the outputs (process 0); returns the summary.
+
+  The command-line entry point; callable from Python with the same arguments.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  from offseg_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
+  from offseg_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+
+  if not checkpoint and not predictions:
+    raise ValueError("pass --checkpoint (a model to evaluate) or --predictions (PNGs to score)")
+  info = datasets.dataset_info(config.data)
+  samples: list[dict] = []
+
+  def keep_samples(example, pred):
+    if len(samples) < num_samples:
+      samples.append({"name": example.get("name", str(len(samples))),
+                      "image": np.asarray(example["image"]),
+                      "label": np.asarray(example["label"]), "pred": pred})
+
+  eval_mode = mode or config.eval.get("mode", "whole")
+  use_tta = bool(config.eval.get("tta", False) if tta is None else tta)
+  if predictions:
+    summary, confusion = runner.score_predictions(predictions, config, split=split,
+                                                  max_images=max_images, progress=progress)
+  else:
+    model, variables, info = runner.load_model(config, checkpoint, which=which)
+    wants_samples = report and num_samples > 0 and jax.process_index() == 0
+    summary, confusion = runner.evaluate_model(
+        model, variables, config, split=split, mode=eval_mode, tta=use_tta,
+        max_images=max_images, progress=progress,
+        callback=keep_samples if wants_samples else None)
+
+  if jax.process_index() == 0:
+    print(report_lib.format_summary(summary), flush=True)
+    out_dir = Path(output) if output else default_output_dir(checkpoint, predictions)
+    num_images = len(datasets.build_source(config.data, split))
+    if max_images is not None:
+      num_images = min(num_images, int(max_images))
+    meta = {"model": config.model.get("name"), "dataset": info.name, "split": split,
+            "num_images": num_images,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "predictions": str(predictions) if predictions else None,
+            "mode": None if predictions else eval_mode,
+            "tta": None if predictions else use_tta,
+            "metrics": list(config.eval.get("metrics", ("mIoU",)))}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    paths = report_lib.save_results(out_dir, summary, confusion, info.class_names, meta)
+    print(f"wrote {paths['metrics']}, {paths['confusion_npy']}, {paths['confusion_png']}")
+    if report:
+      md = report_lib.write_report(out_dir, summary, confusion, info.class_names, info.palette,
+                                   samples=samples, workdir=_workdir_of(checkpoint), meta=meta,
+                                   ignore_index=info.ignore_index)
+      print(f"wrote {md}")
+  return summary
+
+
+def _maybe_initialize_distributed():
+  """Multi-process runs: explicit flags, or a detected SLURM / Cloud TPU cluster."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ):
+    jax.distributed.initialize()
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so the tools
+  can be imported together (they share flag names)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
+                                  lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "Workdir, step directory or converted checkpoint.")
+  flags.DEFINE_string("predictions", None, "Score this folder of label PNGs instead.")
+  flags.DEFINE_string("output", None, "Where to write metrics, confusion and report.")
+  flags.DEFINE_enum("mode", None, ["whole", "slide"], "Override config.eval.mode.")
+  flags.DEFINE_bool("tta", None, "Multi-scale + flip test-time augmentation "
+                    "(default: config.eval.tta).")
+  flags.DEFINE_string("split", "val", "Dataset split.")
+  flags.DEFINE_enum("which", "latest", ["latest", "best"], "Step of a training workdir.")
+  flags.DEFINE_integer("max_images", None, "Score only the first N images (smoke tests).")
+  flags.DEFINE_integer("num_samples", 4, "Sample overlays in the report.")
+  flags.DEFINE_bool("report", True, "Write report.md and its figures.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  _maybe_initialize_distributed()
+  run(FLAGS.config, FLAGS.checkpoint, predictions=FLAGS.predictions, output=FLAGS.output,
+      split=FLAGS.split, mode=FLAGS.mode, tta=FLAGS.tta, which=FLAGS.which,
+      max_images=FLAGS.max_images, num_samples=FLAGS.num_samples, report=FLAGS.report)
+
+
+if __name__ == "__main__":
+  define_flags()
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,193 @@
+r"""Training and inference throughput of a config's model (images/s).
+
+  python -m offseg_jax.tools.benchmark --config=experiments/configs/default.py \
+      [--batch=8] [--dtype=bfloat16] [--steps=20] [--warmup=3] \
+      [--size=512,512] [--slide_size=512,1024] [--modes=train,whole,slide]
+
+* ``train``: the trainer's own jitted step (forward, cross-entropy at label
+  resolution, backward, AdamW with the config's parameter groups, BatchNorm
+  statistics update) on a batch of ``--batch`` random ``--size`` crops;
+* ``whole``: jitted forward, bilinear resize to the input size and argmax on the
+  same batch;
+* ``slide``: the full single-image slide pipeline (``config.eval`` crop, stride
+  and window batch) on one ``--slide_size`` image, host window loop included.
+
+Compilation and ``--warmup`` iterations are excluded; timings end with
+``block_until_ready``. Everything runs on one device (per-device throughput);
+the hardware, dtype and resolutions are printed with the numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any, Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+MODES = ("train", "whole", "slide")
+
+
+def _hw(value, default) -> tuple[int, int]:
+  if value is None:
+    return tuple(int(v) for v in default)
+  value = [int(v) for v in value]
+  return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
+
+
+def _time(fn, steps: int, warmup: int) -> tuple[float, float]:
+  """(compile + first call seconds, seconds per timed iteration) of ``fn()``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  start = time.perf_counter()
+  out = None
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return first, (time.perf_counter() - start) / max(steps, 1)
+
+
+def benchmark(config, *, batch: int = 8, dtype: str = "float32", steps: int = 20,
+              warmup: int = 3, size: Sequence[int] | None = None,
+              slide_size: Sequence[int] | None = None,
+              modes: Sequence[str] = MODES, verbose: bool = True) -> dict[str, Any]:
+  """Times the requested ``modes``; returns a JSON-able dict of the results."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  from offseg_jax import losses, optim, train  # pylint: disable=g-import-not-at-top
+  from offseg_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
+  from offseg_jax.models import build_model, layers  # pylint: disable=g-import-not-at-top
+
+  unknown = [m for m in modes if m not in MODES]
+  if unknown:
+    raise ValueError(f"unknown --modes {unknown}; choose from {MODES}")
+  say = print if verbose else (lambda *a, **k: None)
+  info = datasets.dataset_info(config.data)
+  num_classes = info.num_classes
+  model_cfg = dict(config.model)
+  model_cfg["dtype"] = jnp.dtype(dtype)
+  try:
+    model = build_model(model_cfg, num_classes)
+  except TypeError as e:
+    raise ValueError(f"model {config.model.name!r} does not accept a dtype: {e}") from e
+  height, width = _hw(size, config.data.crop_size)
+  device = jax.local_devices()[0]
+  rng = jax.random.PRNGKey(int(config.get("seed", 0)))
+  with jax.default_device(device):
+    variables = jax.jit(functools.partial(train.init_variables, model, config))(rng)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
+  results: dict[str, Any] = {
+      "model": config.model.name, "num_classes": num_classes, "params_M": num_params / 1e6,
+      "device": str(device), "device_kind": device.device_kind, "platform": device.platform,
+      "num_devices_used": 1, "jax": jax.__version__, "dtype": dtype, "batch": batch,
+      "size": [height, width], "steps": steps, "warmup": warmup}
+  say(f"devices: {jax.devices()}")
+  say(f"model {config.model.name} ({num_params / 1e6:.3f} M params, {num_classes} classes), "
+      f"dtype {dtype}, batch {batch}, input {height}x{width}, on {device.device_kind}")
+
+  data_rng = np.random.default_rng(0)
+  images = jax.device_put(data_rng.standard_normal((batch, height, width, 3), np.float32), device)
+  labels = data_rng.integers(0, num_classes, (batch, height, width)).astype(np.int32)
+  labels[:, : height // 8] = 255                       # some ignored pixels, as in real data
+  labels = jax.device_put(labels, device)
+
+  if "train" in modes:
+    tx, schedule = optim.build_optimizer(config, variables["params"])
+    loss_fn = losses.build_loss({k: dict(v) for k, v in config.losses.items()})
+    step_fn = jax.jit(train.make_train_step(model, tx, loss_fn, schedule),
+                      donate_argnums=(0,) if device.platform != "cpu" else ())
+    state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+             "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"]),
+             "rng": rng}
+    state = jax.device_put(state, device)
+    holder = {"state": state}
+
+    def one_train_step():
+      holder["state"], out = step_fn(holder["state"], {"image": images, "label": labels})
+      return out["loss"]
+
+    first, per_step = _time(one_train_step, steps, warmup)
+    results["train"] = {"images_per_s": batch / per_step, "ms_per_step": per_step * 1e3,
+                        "compile_s": first}
+    say(f"train: {batch / per_step:.1f} img/s ({per_step * 1e3:.1f} ms/step of {batch} "
+        f"{height}x{width}; compile+first {first:.1f} s)")
+
+  if "whole" in modes:
+    @jax.jit
+    def forward(variables, images):
+      logits, _ = model.apply(variables, images, train=False, rngs={"ham": rng})
+      logits = layers.resize_bilinear(logits.astype(jnp.float32), images.shape[1:3])
+      return jnp.argmax(logits, axis=-1)
+
+    first, per_step = _time(lambda: forward(variables, images), steps, warmup)
+    results["whole"] = {"images_per_s": batch / per_step, "ms_per_batch": per_step * 1e3,
+                        "compile_s": first}
+    say(f"whole inference: {batch / per_step:.1f} img/s ({per_step * 1e3:.1f} ms/batch of "
+        f"{batch} {height}x{width}; compile+first {first:.1f} s)")
+
+  if "slide" in modes:
+    crop = tuple(config.eval.get("crop_size", None) or (height, width))
+    stride = tuple(config.eval.get("stride", None) or crop)
+    slide_hw = _hw(slide_size, (crop[0], 2 * crop[1]))
+    settings = inference.InferenceSettings(
+        mode="slide", crop_size=crop, stride=stride,
+        batch_size=int(config.eval.get("batch_size", 1) or 1))
+    segmenter = inference.Segmenter(model, variables, settings, mean=config.data.mean,
+                                    std=config.data.std, device=device)
+    image = data_rng.integers(0, 256, (*slide_hw, 3)).astype(np.uint8)
+    windows = len(inference.slide_windows(*slide_hw, crop, stride))
+    first, per_image = _time(lambda: segmenter.labels(image), steps, warmup)
+    results["slide"] = {"images_per_s": 1.0 / per_image, "ms_per_image": per_image * 1e3,
+                        "image_size": list(slide_hw), "crop_size": list(crop),
+                        "stride": list(stride), "windows": windows,
+                        "window_batch": settings.batch_size, "compile_s": first}
+    say(f"slide inference: {1.0 / per_image:.2f} img/s ({per_image * 1e3:.1f} ms/image of "
+        f"{slide_hw[0]}x{slide_hw[1]}, {windows} windows of {crop[0]}x{crop[1]} stride "
+        f"{stride[0]}x{stride[1]}, {settings.batch_size} per call; compile+first {first:.1f} s)")
+  return results
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so the tools
+  can be imported together (they share flag names)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
+                                  lock_config=True)
+  flags.DEFINE_integer("batch", 8, "Images per training / whole-inference step.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+  flags.DEFINE_integer("steps", 20, "Timed iterations per mode.")
+  flags.DEFINE_integer("warmup", 3, "Untimed iterations after compilation.")
+  flags.DEFINE_list("size", None, "H,W of training / whole-inference inputs "
+                    "(default: config.data.crop_size).")
+  flags.DEFINE_list("slide_size", None, "H,W of the slide-inference image "
+                    "(default: one crop high, two crops wide).")
+  flags.DEFINE_list("modes", ["train", "whole", "slide"], "What to time.")
+  flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  results = benchmark(FLAGS.config, batch=FLAGS.batch, dtype=FLAGS.dtype, steps=FLAGS.steps,
+                      warmup=FLAGS.warmup, size=FLAGS.size, slide_size=FLAGS.slide_size,
+                      modes=FLAGS.modes)
+  print(json.dumps(results))
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  define_flags()
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

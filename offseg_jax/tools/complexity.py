@@ -1,0 +1,277 @@
+r"""Parameter and FLOP counts of a registered model, under the papers' conventions.
+
+Usage::
+
+  python -m offseg_jax.tools.complexity --model offseg_t --num-classes 150 --size 512 512
+  python -m offseg_jax.tools.complexity --model segformer_b0_ol --size 512 512 --json
+
+Three FLOP figures are reported for the eval forward of one image:
+
+* ``xla_gflops``: XLA's cost analysis of the compiled forward, which counts one
+  multiply-add as 2 FLOPs (plus elementwise ops) and skips padded taps;
+  ``xla_gmacs`` = ``xla_gflops / 2`` is the "1 MAC = 1 FLOP" reading.
+* ``conv_gmacs``: multiply-adds of the convolutions only, from the traced
+  program (``N*Ho*Wo*Cout*(Cin/groups)*kh*kw`` per ``conv_general_dilated``,
+  padded taps included as torch counters do).
+* ``matmul_gmacs``: convolutions plus every matrix product (``dot_general``).
+
+The published numbers follow two conventions (``shared/parity/figures.json``):
+OffSeg's GFLOPs equal ``conv_gmacs``; SegFormer-OL's and SegNeXt-OL's equal
+mmengine's counter, which counts the MACs of convolutions, linears and matmuls
+plus small norm/activation terms -- ``matmul_gmacs`` is that count minus those
+terms (about 1.5 % lower). ``paper_gflops`` reports the figure in the
+convention of the model's family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+
+from offseg_jax import models
+
+# Paper convention per model family (name prefix): (figure used, explanation).
+PAPER_CONVENTIONS = {
+    "offseg": ("conv_gmacs", "OffSeg paper GFLOPs = GMACs of the convolutions only"),
+    "segformer": ("matmul_gmacs", "paper GFLOPs = mmengine's counter (MACs of convs, linears "
+                                  "and matmuls + ~1.5 % norm/activation terms); reported: "
+                                  "conv + matmul GMACs"),
+    "segnext": ("matmul_gmacs", "paper GFLOPs = mmengine's counter (MACs of convs, linears "
+                                "and matmuls + ~1.5 % norm/activation terms); reported: "
+                                "conv + matmul GMACs"),
+}
+
+
+# ----------------------------------------------------------------------------
+# Counting in the traced program
+# ----------------------------------------------------------------------------
+
+def _conv_macs(eqn) -> int:
+  rhs = eqn.invars[1].aval
+  out = eqn.outvars[0].aval
+  rhs_spec = eqn.params["dimension_numbers"].rhs_spec   # (out feat, in feat, *spatial)
+  taps = math.prod(rhs.shape[d] for d in rhs_spec[2:])
+  return math.prod(out.shape) * rhs.shape[rhs_spec[1]] * taps
+
+
+def _dot_macs(eqn) -> int:
+  lhs = eqn.invars[0].aval
+  out = eqn.outvars[0].aval
+  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+  return math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+
+
+def _sub_jaxprs(value):
+  if isinstance(value, jex.core.ClosedJaxpr):
+    yield value.jaxpr
+  elif isinstance(value, jex.core.Jaxpr):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _sub_jaxprs(v)
+
+
+def count_macs(jaxpr, counters: dict[str, Callable], notes: set | None = None) -> dict[str, int]:
+  """Sums ``counters[primitive](eqn)`` over a jaxpr and its sub-jaxprs.
+
+  ``scan`` bodies count ``length`` times; of ``cond`` branches the largest
+  counts; ``while`` bodies count once (trip count unknown; noted in ``notes``).
+  """
+  if isinstance(jaxpr, jex.core.ClosedJaxpr):
+    jaxpr = jaxpr.jaxpr
+  totals = {name: 0 for name in counters}
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in counters:
+      totals[name] += counters[name](eqn)
+    subs = [s for v in eqn.params.values() for s in _sub_jaxprs(v)]
+    if not subs:
+      continue
+    sub_totals = [count_macs(s, counters, notes) for s in subs]
+    if name == "cond":
+      best = max(sub_totals, key=lambda t: sum(t.values()))
+      sub_totals = [best]
+    repeat = int(eqn.params.get("length", 1)) if name == "scan" else 1
+    if name == "while" and notes is not None and any(sum(t.values()) for t in sub_totals):
+      notes.add("a while loop's body was counted once (trip count unknown)")
+    for t in sub_totals:
+      for k, v in t.items():
+        totals[k] += repeat * v
+  return totals
+
+
+def conv_macs(jaxpr) -> int:
+  """Multiply-adds of every convolution, padded taps included (torch convention)."""
+  return count_macs(jaxpr, {"conv_general_dilated": _conv_macs})["conv_general_dilated"]
+
+
+def matmul_macs(jaxpr) -> int:
+  """Multiply-adds of convolutions plus matrix products (``dot_general``)."""
+  totals = count_macs(jaxpr, {"conv_general_dilated": _conv_macs, "dot_general": _dot_macs})
+  return sum(totals.values())
+
+
+def xla_flops(fn: Callable, *args) -> float:
+  """XLA's FLOP count of ``jit(fn)`` (1 multiply-add = 2 FLOPs) for these args."""
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):    # older jax: one dict per computation
+    return float(sum(c.get("flops", 0.0) for c in cost))
+  return float(cost.get("flops", 0.0))
+
+
+# ----------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------
+
+def param_counts(params) -> dict[str, int]:
+  """Total parameters and those of ``conv_seg`` when Offset Learning replaces it.
+
+  A ``conv_seg`` next to an ``offset_learning`` module is never used (the
+  official checkpoints and the papers' counts still include it).
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  total = sum(math.prod(v.shape) for v in flat.values())
+  scopes_with_ol = {p[:p.index("offset_learning")] for p in flat if "offset_learning" in p}
+  unused = sum(math.prod(v.shape) for p, v in flat.items()
+               if "conv_seg" in p and p[:p.index("conv_seg")] in scopes_with_ol)
+  return {"params": int(total), "unused_conv_seg_params": int(unused)}
+
+
+# ----------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------
+
+def _family(model_name: str) -> str:
+  return model_name.split("_", 1)[0]
+
+
+def _reference(model_name: str, height: int, width: int, batch: int) -> dict | None:
+  """The model's row of shared/parity/figures.json at 512x512, when available."""
+  if (height, width, batch) != (512, 512, 1):
+    return None
+  shared = os.environ.get("OFFSEG_SHARED") or os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared")
+  path = os.path.join(shared, "parity", "figures.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    rows = {row["model"]: row for row in json.load(f)}
+  return rows.get(model_name)
+
+
+def analyze(model_name: str, num_classes: int = 150, size=(512, 512), batch: int = 1,
+            compile_xla: bool = True, model=None) -> dict[str, Any]:
+  """Counts parameters and FLOPs of ``model_name``'s eval forward.
+
+  Args:
+    model_name: a registered model (built with ``build_model`` unless ``model``
+      is given).
+    num_classes: classes of the head.
+    size: input (height, width).
+    batch: images per forward (FLOP figures are for the whole batch).
+    compile_xla: also compile the forward for XLA's cost analysis (slow for
+      big models on CPU); the conv/matmul counts only trace it.
+    model: an already built module to analyse instead.
+  """
+  if model is None:
+    model = models.build_model({"name": model_name}, num_classes)
+  height, width = int(size[0]), int(size[1])
+  images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  # Streams some models draw from in eval (SegNeXt's NMF bases); the values
+  # do not change the counts.
+  rngs = {"ham": jax.random.key(1), "dropout": jax.random.key(2)}
+
+  def forward(v, x):
+    return model.apply(v, x, train=False, rngs=rngs)
+
+  jaxpr = jax.make_jaxpr(forward)(variables, images)
+  notes: set[str] = set()
+  counts = count_macs(jaxpr, {"conv_general_dilated": _conv_macs, "dot_general": _dot_macs},
+                      notes)
+  params = param_counts(variables["params"])
+  result: dict[str, Any] = {
+      "model": model_name, "num_classes": num_classes, "input": [batch, height, width, 3],
+      "params_M": params["params"] / 1e6,
+      "params_without_unused_conv_seg_M":
+          (params["params"] - params["unused_conv_seg_params"]) / 1e6,
+      "unused_conv_seg_params": params["unused_conv_seg_params"],
+      "conv_gmacs": counts["conv_general_dilated"] / 1e9,
+      "matmul_gmacs": (counts["conv_general_dilated"] + counts["dot_general"]) / 1e9,
+      "conventions": {
+          "xla_gflops": "XLA cost analysis: 1 multiply-add = 2 FLOPs, elementwise ops "
+                        "1 FLOP, padded taps skipped",
+          "xla_gmacs": "xla_gflops / 2: 1 MAC = 1 FLOP",
+          "conv_gmacs": "convolution multiply-adds, padded taps included",
+          "matmul_gmacs": "conv_gmacs + matrix-product (dot_general) multiply-adds",
+      },
+      "notes": sorted(notes),
+  }
+  if compile_xla:
+    flops = xla_flops(forward, variables, images)
+    result["xla_gflops"] = flops / 1e9
+    result["xla_gmacs"] = flops / 2e9
+  convention = PAPER_CONVENTIONS.get(_family(model_name))
+  if convention:
+    result["paper_convention"] = convention[1]
+    result["paper_gflops"] = result[convention[0]]
+  reference = _reference(model_name, height, width, batch)
+  if reference:
+    result["reference_512x512"] = reference
+  return result
+
+
+def format_report(r: dict[str, Any]) -> str:
+  """Human-readable lines of an :func:`analyze` result."""
+  lines = [f"{r['model']} ({r['num_classes']} classes), input {'x'.join(map(str, r['input']))}",
+           f"  params: {r['params_M']:.3f} M ({r['params_without_unused_conv_seg_M']:.3f} M "
+           f"without the unused conv_seg: {r['unused_conv_seg_params']:,})"]
+  if "xla_gflops" in r:
+    lines.append(f"  XLA: {r['xla_gflops']:.3f} GFLOPs (1 multiply-add = 2 FLOPs) = "
+                 f"{r['xla_gmacs']:.3f} GMACs (1 MAC = 1 FLOP)")
+  lines.append(f"  conv-only: {r['conv_gmacs']:.4f} GMACs; conv + matmul: "
+               f"{r['matmul_gmacs']:.4f} GMACs")
+  if "paper_gflops" in r:
+    lines.append(f"  paper convention: {r['paper_gflops']:.3f} GFLOPs ({r['paper_convention']})")
+  ref = r.get("reference_512x512")
+  if ref:
+    figures = ref.get("ade20k_1x3x512x512", {})
+    lines.append(f"  published: {ref.get('paper_params_M')} M params, "
+                 f"{figures.get('paper_gflops')} GFLOPs; official counts: conv-only "
+                 f"{figures.get('gmacs_conv_only')} GMACs, all matmul-like "
+                 f"{figures.get('gmacs_all')} GMACs, mmengine {figures.get('mmengine_gflops')}")
+  for note in r.get("notes", []):
+    lines.append(f"  note: {note}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m offseg_jax.tools.complexity",
+      description="Parameters and FLOPs of a registered model.")
+  parser.add_argument("--model", required=True)
+  parser.add_argument("--num-classes", type=int, default=150)
+  parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--no-xla", action="store_true",
+                      help="skip compiling for XLA's cost analysis (trace-only counts)")
+  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  args = parser.parse_args(argv)
+  result = analyze(args.model, args.num_classes, args.size, args.batch,
+                   compile_xla=not args.no_xla)
+  print(json.dumps(result) if args.json else format_report(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
