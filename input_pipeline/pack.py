@@ -178,6 +178,9 @@ def pack(data_config, splits, output_dir: str, name: str | None = None,
         "examples left out")
     for error in report["skipped"]:
       log(f"  [{error.kind}] {error}")
+    listing_skips = getattr(sources[split], "bad_files", None)
+    if listing_skips is not None and len(listing_skips):   # e.g. images without labels
+      log(listing_skips.summary())
   log(f"packed {info.name} to {target}\nload it with: --config.data.name=tfds "
       f"--config.data.root={target}")
   return target

@@ -295,7 +295,7 @@ def main(argv=None) -> int:
                        num_classes=args.num_classes, backbone_only=args.backbone_only,
                        use_meta=not args.ignore_meta, allow_unexpected=args.allow_unexpected,
                        checkpoint_key=args.checkpoint_key, input_size=args.input_size)
-  except (ConvertError, torch_pickle.CheckpointReadError, KeyError) as e:
+  except (ValueError, KeyError) as e:   # ConvertError, CheckpointReadError, config errors
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

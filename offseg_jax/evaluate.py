@@ -29,8 +29,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from input_pipeline import datasets
+from offseg_jax.evaluation import report as report_lib
+from offseg_jax.evaluation import runner
 
 FLAGS = flags.FLAGS
 
@@ -68,12 +74,6 @@ def run(config, checkpoint: str | None = None, *, predictions: str | None = None
 
   The command-line entry point; callable from Python with the same arguments.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
-  from offseg_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
-  from offseg_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
-
   if not checkpoint and not predictions:
     raise ValueError("pass --checkpoint (a model to evaluate) or --predictions (PNGs to score)")
   info = datasets.dataset_info(config.data)
@@ -117,14 +117,13 @@ def run(config, checkpoint: str | None = None, *, predictions: str | None = None
     if report:
       md = report_lib.write_report(out_dir, summary, confusion, info.class_names, info.palette,
                                    samples=samples, workdir=_workdir_of(checkpoint), meta=meta,
-                                   ignore_index=info.ignore_index)
+                                   draw_confusion=False)
       print(f"wrote {md}")
   return summary
 
 
 def _maybe_initialize_distributed():
   """Multi-process runs: explicit flags, or a detected SLURM / Cloud TPU cluster."""
-  import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.coordinator_address:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

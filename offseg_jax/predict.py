@@ -24,8 +24,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import cv2
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+from PIL import Image
+from tqdm import tqdm
+
+from input_pipeline import transforms
+from offseg_jax.evaluation import inference, report, runner
 
 FLAGS = flags.FLAGS
 
@@ -47,8 +54,6 @@ def list_images(path: str | Path) -> list[tuple[Path, Path]]:
 
 def read_image(path: str | Path):
   """An image file as HxWx3 uint8 RGB; unreadable files raise naming the file."""
-  import cv2  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   data = np.fromfile(str(path), np.uint8) if Path(path).is_file() else None
   image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
   if image is None:
@@ -58,7 +63,6 @@ def read_image(path: str | Path):
 
 def raw_labels(pred, reduce_zero_label: bool):
   """Class indices -> the dataset's label convention as uint8."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   raw = np.asarray(pred).astype(np.int64) + (1 if reduce_zero_label else 0)
   if raw.max(initial=0) > 255:
     raise ValueError("more classes than an 8-bit label PNG can hold")
@@ -68,9 +72,6 @@ def raw_labels(pred, reduce_zero_label: bool):
 def write_outputs(out_dir: Path, rel: Path, image, pred, palette, reduce_zero_label: bool,
                   opacity: float) -> dict[str, Path]:
   """Writes the palette, overlay and raw PNGs of one image."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from offseg_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   stem = rel.with_suffix(".png")
   paths = {kind: out_dir / kind / stem for kind in ("palette", "overlay", "raw")}
   for p in paths.values():
@@ -88,11 +89,6 @@ def run(config, checkpoint: str, inputs: str | Path, output: str | Path, *,
         opacity: float = 0.5, mode: str | None = None, tta: bool | None = None,
         which: str = "latest", progress: bool = True) -> list[dict[str, Path]]:
   """Predicts every image of ``inputs``; returns the written paths per image."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from input_pipeline import transforms  # pylint: disable=g-import-not-at-top
-  from offseg_jax.evaluation import inference, runner  # pylint: disable=g-import-not-at-top
-
   if not 0.0 <= opacity <= 1.0:
     raise ValueError(f"--opacity must be in [0, 1], got {opacity}")
   files = list_images(inputs)

@@ -226,7 +226,12 @@ def official_state(variables) -> collections.OrderedDict:
 
 
 def forward(model, variables):
-  return np.asarray(model.apply(variables, IMAGES)[0])
+  return np.asarray(jax.jit(model.apply)(variables, IMAGES)[0])
+
+
+def backbone_features(model):
+  """A jitted ``variables -> backbone features`` function."""
+  return jax.jit(lambda v: model.apply(v, IMAGES, method=lambda m, x: m.backbone(x)))
 
 
 # ---------------------------------------------------------------------------
@@ -490,18 +495,29 @@ def test_backbone_only_checkpoint_merges_into_fresh_variables(tiny_checkpoint, t
   assert set(partial) == {"params", "batch_stats"}
   assert set(partial["params"]) == {"backbone"}
 
-  fresh = model.init(jax.random.key(7), IMAGES)
+  fresh = jax.tree.map(jnp.asarray, random_variables(model, seed=7))
   merged, report = variables_io.merge_into(fresh, partial)
-  assert report["replaced"] and all(p.split("/")[1] == "backbone" for p in report["replaced"])
-  assert report["kept"] and all(p.split("/")[1] == "decode_head" for p in report["kept"])
+  assert report.replaced and all(p.split("/")[1] == "backbone" for p in report.replaced)
+  assert report.kept and all(p.split("/")[1] == "decode_head" for p in report.kept)
+  # (the tiny head has no BatchNorm: all of batch_stats is the backbone's)
+  assert report.replaced_subtrees == ["batch_stats", "params/backbone"]
+  assert str(report).startswith(f"{len(report.replaced)} arrays replaced "
+                                "(batch_stats, params/backbone)")
+  # Leaves absent from the checkpoint stay as they were.
+  del partial["params"]["backbone"]["stages.1"]["bn"]["bias"]
+  _, report = variables_io.merge_into(fresh, partial)
+  assert "params/backbone/stages.1/bn/bias" in report.kept
+  assert report.replaced_subtrees == [
+      "batch_stats", "params/backbone/stages.0", "params/backbone/stages.1/bn/scale",
+      "params/backbone/stages.1/conv"]
   assert isinstance(merged["params"]["backbone"]["stages.0"]["conv"]["kernel"], jax.Array)
   np.testing.assert_array_equal(merged["params"]["backbone"]["stages.1"]["bn"]["scale"],
                                 variables["params"]["backbone"]["stages.1"]["bn"]["scale"])
   np.testing.assert_array_equal(merged["params"]["decode_head"]["conv_seg"]["kernel"],
                                 fresh["params"]["decode_head"]["conv_seg"]["kernel"])
-  feats = model.apply(merged, IMAGES, method=lambda m, x: m.backbone(x))
-  ref = model.apply(variables, IMAGES, method=lambda m, x: m.backbone(x))
-  np.testing.assert_array_equal(feats[-1], ref[-1])
+  features = backbone_features(model)
+  for ours, ref in zip(features(merged), features(jax.tree.map(jnp.asarray, variables))):
+    np.testing.assert_array_equal(ours, ref)
 
   bad = {"params": {"backbone": {"stages.0": {"conv": {"kernel": np.ones((3, 3, 3, 9))}}},
                     "nothere": {"w": np.ones(2)}}}
@@ -570,3 +586,29 @@ def test_official_key_sets_convert_completely(name, tmp_path):
                                     log=lambda s: None)
   assert meta["report"]["missing"] == [] and meta["report"]["unexpected"] == []
   assert all(k.split("/")[1] == "backbone" for k in variables_io.stored_shapes(tmp_path / "bb"))
+
+
+@pytest.mark.slow
+def test_converted_fixture_checkpoint_reproduces_official_logits(tmp_path):
+  """Torch-format file -> convert CLI -> load_variables -> forward == official logits."""
+  name = "segformer_b0_ol"
+  if not (PARITY / f"{name}.json").exists():
+    pytest.skip(f"fixture {name} not found under {PARITY}")
+  header = json.loads((PARITY / f"{name}.json").read_text())["parity"]
+  if header["build"] not in MODELS:
+    pytest.skip(f"model {header['build']} is not registered yet")
+  write_torch_file(tmp_path / "official.pth", {
+      "state_dict": _fixture_state(name),
+      "meta": {"cfg": f"model = {header['official_config']!r}\n"}})
+  assert convert.main(["--model", header["build"], str(tmp_path / "official.pth"),
+                       str(tmp_path / "out")]) == 0
+  meta = variables_io.load_meta(tmp_path / "out")
+  model = MODELS.get(meta["model"]).from_official(meta["official_config"], meta["num_classes"])
+  with np.load(PARITY / f"{name}.npz") as data:
+    images, ref = data["input"].transpose(0, 2, 3, 1), data["logits"]
+  template = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+  variables = variables_io.load_variables(tmp_path / "out", target=template)
+  with jax.default_matmul_precision("highest"):
+    logits, _ = jax.jit(model.apply)(variables, images)
+  err = np.abs(np.asarray(logits).transpose(0, 3, 1, 2) - ref).max()
+  assert err <= header["compare"]["logits"], err

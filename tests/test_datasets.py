@@ -54,7 +54,8 @@ def _layout(name):
     return "bdd100k", {
         "train": [(f"images/10k/train/0a0a0b1a-7c39d84{i}.jpg",
                    f"labels/sem_seg/masks/train/0a0a0b1a-7c39d84{i}.png") for i in (1, 2)],
-        "val": [("images/10k/val/7d2f7975-e0c1c5a7.jpg", "labels/sem_seg/masks/val/7d2f7975-e0c1c5a7.png")]}
+        "val": [("images/10k/val/7d2f7975-e0c1c5a7.jpg",
+                 "labels/sem_seg/masks/val/7d2f7975-e0c1c5a7.png")]}
   assert name == "custom"
   return "mydata", {"train": [("img_dir/train/a.jpg", "ann_dir/train/a.png"),
                               ("img_dir/train/b.jpg", "ann_dir/train/b.png")],

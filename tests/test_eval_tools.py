@@ -175,13 +175,20 @@ def test_evaluate_command_writes_metrics_confusion_and_report(tiny_workdir):
 
 def test_evaluate_restored_checkpoint_matches_in_memory_variables(tiny_workdir, tmp_path):
   from offseg_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from offseg_jax.conversion import variables_io  # pylint: disable=g-import-not-at-top
   config, workdir, _, variables = tiny_workdir
+  # A step directory saved on 2 devices, restored onto one.
   summary = evaluate.run(config, str(workdir / "checkpoints" / "7"), output=str(tmp_path),
                          report=False, progress=False)
   model = train.create_model(config, datasets.dataset_info(config.data).num_classes)
   direct, confusion = runner.evaluate_model(model, variables, config, progress=False)
   assert summary["mIoU"] == direct["mIoU"]
   np.testing.assert_array_equal(np.load(tmp_path / "confusion.npy"), confusion)
+  # A converted checkpoint directory loads the same weights.
+  converted = variables_io.save_variables(tmp_path / "converted", variables, {"model": "tiny"})
+  _, restored, _ = runner.load_model(config, converted)
+  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_predict_writes_palette_overlay_and_raw_pngs_that_score_like_evaluate(

@@ -126,6 +126,11 @@ def test_one_compile_serves_every_image_size_in_slide_mode():
     seg.labels(image_of(h, w))
   # Chunks of 4 (the last padded to 2 or 4 windows): at most two window batches.
   assert model.traces <= 2
+  traces = model.traces
+  # A new Segmenter of the same model (the next evaluation during training)
+  # reuses the compiled forward.
+  segmenter(model=model, crop_size=16, stride=11, batch_size=4).labels(image_of(40, 40))
+  assert model.traces == traces
 
 
 def test_small_image_runs_unpadded_as_one_window():

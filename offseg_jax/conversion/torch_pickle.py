@@ -328,7 +328,14 @@ def _load_legacy(path: str) -> Any:
     raise CheckpointReadError(
         f"{path}: a legacy (pre-zip) torch checkpoint; reading it needs torch. "
         "Install torch, or re-save it with torch >= 1.6 (torch.save(torch.load(f), f)).") from None
-  return _torch_to_numpy(torch.load(path, map_location="cpu", weights_only=True))
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:   # weights_only refuses foreign classes
+    raise CheckpointReadError(
+        f"{path}: a legacy (pre-zip) torch checkpoint holding objects that "
+        f"torch.load(weights_only=True) refuses ({e}). Re-save only its weights with "
+        "torch >= 1.6: torch.save({'state_dict': ckpt['state_dict']}, 'new.pth').") from e
+  return _torch_to_numpy(obj)
 
 
 def load_pickle(path: str | os.PathLike) -> Any:

@@ -12,6 +12,8 @@ fresh variables and calls :func:`merge_into` to put it in place.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 from typing import Any, Mapping
@@ -145,6 +147,42 @@ def load_variables(path: str | os.PathLike, target: Mapping[str, Any] | None = N
     return checkpointer.restore(variables_path, target)
 
 
+@dataclasses.dataclass(frozen=True)
+class MergeReport:
+  """What :func:`merge_into` did; ``str()`` gives a one-line summary.
+
+  Attributes:
+    replaced: leaf paths ('params/backbone/...') taken from the checkpoint.
+    kept: leaf paths left as they were (e.g. the decode head, or weights the
+      checkpoint lacks).
+    replaced_subtrees: the largest subtrees replaced entirely.
+  """
+  replaced: list[str]
+  kept: list[str]
+  replaced_subtrees: list[str]
+
+  def __str__(self):
+    subtrees = ", ".join(self.replaced_subtrees[:8])
+    if len(self.replaced_subtrees) > 8:
+      subtrees += f", ... ({len(self.replaced_subtrees) - 8} more)"
+    return (f"{len(self.replaced)} arrays replaced ({subtrees}); "
+            f"{len(self.kept)} kept")
+
+
+def _largest_subtrees(replaced: set, all_paths) -> list[str]:
+  total, done = collections.Counter(), collections.Counter()
+  for path in all_paths:
+    for depth in range(1, len(path) + 1):
+      total[path[:depth]] += 1
+      if path in replaced:
+        done[path[:depth]] += 1
+  subtrees = set()
+  for path in replaced:
+    depth = next(d for d in range(1, len(path) + 1) if done[path[:d]] == total[path[:d]])
+    subtrees.add(path[:depth])
+  return sorted(_path_str(p) for p in subtrees)
+
+
 def merge_into(variables: Mapping[str, Any], partial: Mapping[str, Any]):
   """Replaces the leaves of ``variables`` that ``partial`` provides.
 
@@ -155,8 +193,7 @@ def merge_into(variables: Mapping[str, Any], partial: Mapping[str, Any]):
   when the existing leaf is a jax array.
 
   Returns:
-    ``(merged, report)``: a new variables dict, and ``{'replaced': [...],
-    'kept': [...]}`` listing leaf paths ('params/backbone/...').
+    ``(merged, report)``: a new variables dict and a :class:`MergeReport`.
 
   Raises:
     CheckpointMismatchError: naming leaves of ``partial`` that are absent from
@@ -183,6 +220,8 @@ def merge_into(variables: Mapping[str, Any], partial: Mapping[str, Any]):
     if isinstance(old, jax.Array):
       value = jax.device_put(value, old.sharding)
     flat[p] = value
-  report = {"replaced": sorted(_path_str(p) for p in new),
-            "kept": sorted(_path_str(p) for p in flat if p not in new)}
+  report = MergeReport(
+      replaced=sorted(_path_str(p) for p in new),
+      kept=sorted(_path_str(p) for p in flat if p not in new),
+      replaced_subtrees=_largest_subtrees(set(new), flat))
   return flax.traverse_util.unflatten_dict(flat), report

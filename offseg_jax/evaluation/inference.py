@@ -20,16 +20,19 @@ mmseg's ``EncoderDecoder`` and ``SegTTAModel`` do at test time:
   keep_ratio=True)`` on the loaded image), optionally also flipped; each view's
   logits are mapped back to the original frame, softmaxed and averaged.
 
-Shapes stay static so compiled code is reused: the model runs on a fixed-size
-batch of windows (the last chunk is padded; its size is rounded up to a power
-of two so a handful of compiles serve any window count), and jit caches the
-whole-image forward per padded image size. Canvas accumulation and the final
-resize are separate, cheap-to-compile functions.
+Shapes stay static so compiled code is reused: in slide mode the model runs on
+a fixed-size batch of windows (the last chunk is padded, its size rounded up to
+a power of two, so a handful of compiles serve every image size); in whole mode
+one compile serves each padded image size. The model's jitted forward is keyed
+by the model, so every :class:`Segmenter` of the same model (e.g. one per
+evaluation during training) reuses it. Canvas accumulation and the final resize
+are separate, cheap-to-compile functions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import cv2
@@ -178,6 +181,22 @@ def _accumulate(canvas, window_logits, origins, valid):
   return jax.lax.fori_loop(0, window_logits.shape[0], add_one, canvas)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_logits(apply_fn, variables, images, key):
+  """Model logits resized to the input size, float32. Jitted per model (the
+  apply function is static) and per input shape, so repeated evaluations of
+  the same model, e.g. during training, reuse the compiled code."""
+  logits, _ = apply_fn(variables, images, train=False, rngs={"ham": key})
+  # Accumulate and resize in float32 whatever the model's compute dtype.
+  return layers.resize_bilinear(logits.astype(jnp.float32), images.shape[1:3])
+
+
+_accumulate_jit = jax.jit(_accumulate)
+# Donating the canvas lets XLA add windows in place (CPU cannot donate).
+_accumulate_donating = jax.jit(_accumulate, donate_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames=("valid_hw", "out_hw", "flip", "output"))
 def _finish(canvas, count, *, valid_hw, out_hw, flip, output):
   """Canvas -> original frame: average, crop padding, un-flip, resize, reduce."""
   if count is not None:
@@ -238,16 +257,10 @@ class Segmenter:
     self._apply: Callable = model.apply if hasattr(model, "apply") else model
     self._key = jax.random.key(seed)
     self._calls = 0
-    self._forward = jax.jit(self._forward_impl)
-    # Donating the canvas lets XLA add windows in place; CPU cannot donate.
-    donate = () if self.device.platform == "cpu" else (0,)
-    self._accumulate = jax.jit(_accumulate, donate_argnums=donate)
-    self._finish = jax.jit(_finish, static_argnames=("valid_hw", "out_hw", "flip", "output"))
+    self._accumulate = _accumulate_jit if self.device.platform == "cpu" else _accumulate_donating
 
-  def _forward_impl(self, variables, images, key):
-    logits, _ = self._apply(variables, images, train=False, rngs={"ham": key})
-    # Accumulate and resize in float32 whatever the model's compute dtype.
-    return layers.resize_bilinear(logits.astype(jnp.float32), images.shape[1:3])
+  def _run_model(self, images: np.ndarray):
+    return _forward_logits(self._apply, self.variables, self.put(images), self._next_key())
 
   def _next_key(self):
     self._calls += 1
@@ -266,7 +279,7 @@ class Segmenter:
   # --- one view ---------------------------------------------------------------
 
   def _whole(self, image: np.ndarray):
-    return self._forward(self.variables, self.put(image[None]), self._next_key())[0], None
+    return self._run_model(image[None])[0], None
 
   def _slide(self, image: np.ndarray):
     height, width, channels = image.shape
@@ -289,7 +302,7 @@ class Segmenter:
         origins[j] = (y1, x1)
         valid[j] = True
         count[y1:y2, x1:x2] += 1
-      logits = self._forward(self.variables, self.put(crops), self._next_key())
+      logits = self._run_model(crops)
       if canvas is None:
         canvas = jnp.zeros((height, width, logits.shape[-1]), jnp.float32,
                            device=self.device)
@@ -319,7 +332,7 @@ class Segmenter:
       canvas, count = self._whole(padded)
     else:
       canvas, count = self._slide(padded)
-    return self._finish(canvas, count, valid_hw=(height, width),
+    return _finish(canvas, count, valid_hw=(height, width),
                         out_hw=tuple(int(v) for v in out_hw), flip=bool(flip),
                         output=output)
 

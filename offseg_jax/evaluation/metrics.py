@@ -10,6 +10,10 @@ splits. :func:`summarize` turns the accumulated matrix into mmseg's numbers:
   aAcc = sum(I) / sum(label); IoU = I/U; Acc = Recall = I/label;
   Dice = 2I/(pred+label); Precision = I/pred; Fscore = (1+b^2)PR/(b^2 P + R);
   0/0 -> NaN; summary mX = round(nanmean(X) * 100, 2) (NaN classes skipped).
+
+:class:`IoUMetric` wraps this as a stateful accumulator with mmseg's arguments;
+it is registered as ``METRICS['iou_metric']`` (the ``build`` name of the parity
+fixture), and :func:`iou_metric_from_fixture` replays that fixture.
 """
 
 from __future__ import annotations
@@ -211,7 +215,7 @@ class IoUMetric:
 
 def iou_metric_from_official(official_config: Mapping[str, Any],
                              num_classes: int) -> IoUMetric:
-  """Builds :class:`IoUMetric` from mmseg constructor arguments.
+  """Builds :class:`IoUMetric` given the official (mmseg) constructor arguments.
 
   Accepts ``iou_metrics``, ``ignore_index``, ``nan_to_num`` and ``beta`` (the
   keys of a fixture's ``metric_args`` too); output/formatting options are

@@ -27,9 +27,10 @@ _SUMMARY_ORDER = ("aAcc", "mIoU", "mAcc", "mDice", "mFscore", "mPrecision", "mRe
 
 # --- colour maps ---------------------------------------------------------------
 
-def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255,
+def colorize(labels: np.ndarray, palette: np.ndarray,
              ignore_color: Sequence[int] = (0, 0, 0)) -> np.ndarray:
-  """[H, W] class indices -> [H, W, 3] uint8 RGB using ``palette`` ([K, 3])."""
+  """[H, W] class indices -> [H, W, 3] uint8 RGB using ``palette`` ([K, 3]);
+  values outside the palette (the ignore index 255) get ``ignore_color``."""
   palette = np.asarray(palette, np.uint8)
   labels = np.asarray(labels)
   valid = (labels >= 0) & (labels < len(palette))
@@ -39,10 +40,10 @@ def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255,
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
-            opacity: float = 0.5, ignore_index: int = 255) -> np.ndarray:
+            opacity: float = 0.5) -> np.ndarray:
   """``image * (1 - opacity) + colour * opacity`` (mmseg's visualisation);
   ignored / out-of-range pixels keep the image."""
-  colours = colorize(labels, palette, ignore_index).astype(np.float32)
+  colours = colorize(labels, palette).astype(np.float32)
   blended = np.asarray(image, np.float32) * (1 - opacity) + colours * opacity
   labels = np.asarray(labels)
   keep = (labels < 0) | (labels >= len(palette))
@@ -92,7 +93,7 @@ def plot_per_class(summary: Mapping[str, Any], path, key: str = "IoU") -> Path:
   names = list(summary["per_class"])
   values = np.array([summary["per_class"][n].get(key, np.nan) for n in names], np.float64)
   k = len(names)
-  fig = Figure(figsize=(min(max(6.0, 0.14 * k + 2), 30.0), 4.5))
+  fig = Figure(figsize=(min(max(6.0, 0.17 * k + 2), 32.0), 4.5))
   ax = fig.add_subplot()
   ax.bar(range(k), np.nan_to_num(values), color="tab:blue")
   mean = summary.get("m" + key)
@@ -100,7 +101,7 @@ def plot_per_class(summary: Mapping[str, Any], path, key: str = "IoU") -> Path:
     ax.axhline(mean, color="tab:red", linestyle="--", label=f"m{key} {mean:.2f}")
     ax.legend(loc="upper right")
   ax.set_xticks(range(k))
-  ax.set_xticklabels(names, rotation=90, fontsize=max(4.0, min(9.0, 900.0 / max(k, 1) / 4)))
+  ax.set_xticklabels(names, rotation=90, fontsize=9 if k <= 40 else 6)
   ax.set_ylim(0, 100)
   ax.set_ylabel(f"{key} (%)")
   ax.set_title(f"Per-class {key}")
@@ -108,7 +109,7 @@ def plot_per_class(summary: Mapping[str, Any], path, key: str = "IoU") -> Path:
 
 
 def plot_samples(samples: Sequence[Mapping[str, Any]], palette: np.ndarray, path,
-                 opacity: float = 0.5, ignore_index: int = 255) -> Path:
+                 opacity: float = 0.5) -> Path:
   """Rows of (image | ground truth | prediction) overlays.
 
   Each sample is ``{'name', 'image' [H,W,3] uint8, 'label' [H,W], 'pred' [H,W]}``.
@@ -117,10 +118,8 @@ def plot_samples(samples: Sequence[Mapping[str, Any]], palette: np.ndarray, path
   fig = Figure(figsize=(12, 3.6 * n))
   for row, sample in enumerate(samples):
     panels = (("image", sample["image"]),
-              ("ground truth", overlay(sample["image"], sample["label"], palette, opacity,
-                                       ignore_index)),
-              ("prediction", overlay(sample["image"], sample["pred"], palette, opacity,
-                                     ignore_index)))
+              ("ground truth", overlay(sample["image"], sample["label"], palette, opacity)),
+              ("prediction", overlay(sample["image"], sample["pred"], palette, opacity)))
     for col, (title, picture) in enumerate(panels):
       ax = fig.add_subplot(n, 3, row * 3 + col + 1)
       ax.imshow(picture)
@@ -284,24 +283,24 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def write_report(output_dir, summary: Mapping[str, Any], confusion: np.ndarray,
                  class_names: Sequence[str], palette: np.ndarray,
                  samples: Sequence[Mapping[str, Any]] = (), workdir=None,
-                 meta: Mapping[str, Any] | None = None, ignore_index: int = 255) -> Path:
+                 meta: Mapping[str, Any] | None = None, draw_confusion: bool = True) -> Path:
   """Writes ``report.md`` and its figures into ``output_dir``; returns its path.
 
-  Figures: ``per_class_iou.png``, ``confusion.png`` (if not there yet),
-  ``samples.png`` (if ``samples``) and ``training_curves.png`` (if ``workdir``
-  holds TensorBoard event files).
+  Figures: ``per_class_iou.png``, ``confusion.png`` (unless ``draw_confusion``
+  is False because :func:`save_results` just drew it), ``samples.png`` (if
+  ``samples``) and ``training_curves.png`` (if ``workdir`` holds TensorBoard
+  event files).
   """
   output_dir = Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   figures = {}
   figures["per-class IoU"] = plot_per_class(summary, output_dir / "per_class_iou.png")
   confusion_png = output_dir / "confusion.png"
-  if not confusion_png.exists():
+  if draw_confusion or not confusion_png.exists():
     plot_confusion(confusion, class_names, confusion_png)
   figures["confusion matrix"] = confusion_png
   if samples:
-    figures["samples"] = plot_samples(samples, palette, output_dir / "samples.png",
-                                      ignore_index=ignore_index)
+    figures["samples"] = plot_samples(samples, palette, output_dir / "samples.png")
   if workdir is not None:
     curves = plot_training_curves(read_scalars(workdir), output_dir / "training_curves.png")
     if curves is not None:

@@ -10,10 +10,12 @@ else in the dataset's own label convention).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -28,6 +30,7 @@ from offseg_jax.evaluation import metrics
 # Device confusion counts are int32: flush them to the host's int64 total before
 # this many labelled pixels could overflow them.
 _FLUSH_PIXELS = 1 << 30
+_confusion = jax.jit(metrics.confusion_matrix, static_argnums=(2, 3))
 
 
 def _shard(count: int, shard: tuple[int, int] | None) -> range:
@@ -35,6 +38,23 @@ def _shard(count: int, shard: tuple[int, int] | None) -> range:
   if not 0 <= index < total:
     raise ValueError(f"shard index {index} out of range for {total} shards")
   return range(index, count, total)
+
+
+def _prefetched(load: Callable[[int], Any], indices: Sequence[int], workers: int,
+                depth: int) -> Iterator[Any]:
+  """``load(i)`` for each index in order, computed ``depth`` ahead by threads
+  (decoding and resizing release the GIL), so the host overlaps the device."""
+  if workers <= 0:
+    yield from (load(i) for i in indices)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for i in indices:
+      pending.append(pool.submit(load, i))
+      if len(pending) > depth:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
 
 
 def metric_names(config) -> tuple[str, ...]:
@@ -107,26 +127,31 @@ def evaluate_model(model: Any, variables, config, split: str = "val",
   num_classes = info.num_classes
   count = len(source) if max_images is None else min(int(max_images), len(source))
   indices = _shard(count, shard)
-  confusion_fn = jax.jit(metrics.confusion_matrix, static_argnums=(2, 3))
 
+  def load(index):
+    example = source[index]
+    # TTA rescales the original image itself; otherwise the test transform resizes.
+    return example, (None if settings.tta else transform(dict(example))["image"])
+
+  workers = int(config.data.get("num_threads", 4) or 0)
   total = np.zeros((num_classes, num_classes), np.int64)
   pending, pending_pixels = None, 0
   show = progress and (shard is not None or jax.process_index() == 0)
-  for index in tqdm(indices, desc=f"eval {split}", disable=not show, unit="img"):
-    example = source[index]
+  loaded = _prefetched(load, indices, workers, depth=2 * max(workers, 1))
+  for example, resized in tqdm(loaded, total=len(indices), desc=f"eval {split}",
+                               disable=not show, unit="img"):
     label = np.asarray(example["label"])
     if settings.tta:
       pred = segmenter.labels(np.asarray(example["image"]))
     else:
-      resized = transform(dict(example))
-      pred = segmenter.labels(np.asarray(resized["image"]), label.shape)
+      pred = segmenter.labels(np.asarray(resized), label.shape)
     if pred.shape != label.shape:
       raise ValueError(f"prediction {pred.shape} and label {label.shape} of "
                        f"{example.get('name', index)!r} differ in size")
     if pending_pixels + label.size > _FLUSH_PIXELS and pending is not None:
       total += np.asarray(pending, np.int64)
       pending, pending_pixels = None, 0
-    counts = confusion_fn(pred, segmenter.put(label), num_classes, info.ignore_index)
+    counts = _confusion(pred, segmenter.put(label), num_classes, info.ignore_index)
     pending = counts if pending is None else pending + counts
     pending_pixels += label.size
     if callback is not None:

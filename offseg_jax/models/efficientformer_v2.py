@@ -170,7 +170,6 @@ class HeadMixer(nn.Module):
   Parameters keep the torch Conv2d layout (kernel (1, 1, in, out), bias).
   """
   num_heads: int
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, attn):
@@ -212,6 +211,8 @@ class Attention4D(nn.Module):
     b, height, width, dim = x.shape
     nh, kd = self.num_heads, self.key_dim
     d = self.attn_ratio * kd
+    if self.stride not in (None, 2):
+      raise ValueError(f"{self.name}: only stride 2 exists in EfficientFormerV2, got {self.stride}")
     if self.stride is not None:
       if height % 2 or width % 2:
         raise ValueError(
@@ -237,9 +238,9 @@ class Attention4D(nn.Module):
     attn = jnp.einsum("bnhd,bmhd->bhnm", q, k) * (kd ** -0.5)
     bias = _position_bias(self, nh, self.resolution, self.resolution, 1, n, n)
     attn = attn + bias.astype(attn.dtype)[None]
-    attn = HeadMixer(nh, self.dtype, name="talking_head1")(attn)
+    attn = HeadMixer(nh, name="talking_head1")(attn)
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
-    attn = HeadMixer(nh, self.dtype, name="talking_head2")(attn)
+    attn = HeadMixer(nh, name="talking_head2")(attn)
     out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, h, w, nh * d) + v_local
     if self.stride is not None:
       out = layers.resize_bilinear(out, (2 * h, 2 * w))
@@ -460,7 +461,8 @@ def _variant_builder(variant: str):
     fields = {f.name for f in dataclasses.fields(EfficientFormerV2)} - {"parent", "name"}
     unknown = set(overrides) - fields
     if unknown:
-      raise TypeError(f"Unknown EfficientFormerV2 fields {sorted(unknown)}; known: {sorted(fields)}")
+      raise TypeError(f"Unknown EfficientFormerV2 fields {sorted(unknown)}; "
+                      f"known: {sorted(fields)}")
     cfg = {**defaults, **overrides}
     for key in ("widths", "depths"):
       cfg[key] = tuple(int(v) for v in cfg[key])

@@ -191,9 +191,9 @@ class LocalSimGuidedSampler(nn.Module):
       raise ValueError("LocalSimGuidedSampler supports scale 2 only (as the reference)")
     g, s = self.groups, self.scale
     cc = hr_x.shape[-1]
-    if cc % 8 or feat.shape[-1] % g:
-      raise ValueError(f"compressed channels ({cc}) must be divisible by 8 and feature "
-                       f"channels ({feat.shape[-1]}) by {g}")
+    if cc < 8 or cc % g or feat.shape[-1] % g:
+      raise ValueError(f"compressed channels ({cc}, at least 8) and feature channels "
+                       f"({feat.shape[-1]}) must be divisible by the {g} groups")
     hr_x = layers.GroupNorm(cc // 8, dtype=self.dtype, name="norm_hr")(hr_x)
     lr_x = layers.GroupNorm(cc // 8, dtype=self.dtype, name="norm_lr")(lr_x)
     hr_sim = local_cosine_similarity(hr_x, dilation=2)
@@ -211,7 +211,11 @@ class LocalSimGuidedSampler(nn.Module):
     return self._sample(feat, offset)
 
   def _sample(self, feat, offset):
-    """Resamples ``feat`` (B, s*h, s*w, C) at lr-grid centres moved by ``offset`` (B, h, w, 2*G*s*s)."""
+    """Resamples ``feat`` (B, s*h, s*w, C) at low-res centres moved by ``offset``.
+
+    ``offset`` is (B, h, w, 2*G*s*s) in low-res pixel units, channel
+    comp*G*s^2 + g*s^2 + i*s + j (comp 0 = x, 1 = y).
+    """
     g, s = self.groups, self.scale
     b, h, w, _ = offset.shape
     big_h, big_w, c = feat.shape[1:]
@@ -220,8 +224,8 @@ class LocalSimGuidedSampler(nn.Module):
     off = off.transpose(0, 4, 1, 5, 2, 6, 3).reshape(b * g, s * h, s * w, 2)
     centres_x = jnp.repeat(jnp.arange(w, dtype=jnp.float32) + 0.5, s)
     centres_y = jnp.repeat(jnp.arange(h, dtype=jnp.float32) + 0.5, s)
-    # Normalised exactly as the reference does (by the low-res size), so the
-    # round trip through grid_sample's unnormalisation matches it bit for bit.
+    # Normalised as the reference does (by the low-res size), so the round trip
+    # through grid_sample's unnormalisation rounds as it does.
     grid_x = 2 * (centres_x[None, None, :] + off[..., 0]) / w - 1
     grid_y = 2 * (centres_y[None, :, None] + off[..., 1]) / h - 1
     grid = jnp.stack([grid_x, grid_y], axis=-1)

@@ -255,15 +255,22 @@ def mit_config_from_official(cfg: dict) -> dict:
   return out
 
 
+def _tuples(fields: dict) -> dict:
+  """Config lists -> tuples (nested too), so module fields stay hashable."""
+  def convert(value):
+    return tuple(convert(v) for v in value) if isinstance(value, (list, tuple)) else value
+  return {k: convert(v) for k, v in fields.items()}
+
+
 def _register_backbones():
   @BACKBONES.register("mit")
   def build_mit(**overrides):
     """MixVisionTransformer with mmseg's constructor defaults, any field overridable."""
-    return MixVisionTransformer(**overrides)
+    return MixVisionTransformer(**_tuples(overrides))
 
   for size, fields in MIT_SIZES.items():
     def build(_fields=fields, **overrides):
-      return MixVisionTransformer(**{**_fields, **overrides})
+      return MixVisionTransformer(**{**_fields, **_tuples(overrides)})
     build.__doc__ = f"MiT-{size.upper()} (SegFormer-{size.upper()} backbone)."
     BACKBONES.register(f"mit_{size}")(build)
 

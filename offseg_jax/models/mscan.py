@@ -7,11 +7,11 @@ the spatial attention SA gates a 1x1-projected, GELU-activated input with the su
 of a 5x5 depthwise conv and three strip-conv branches (1x7/7x1, 1x11/11x1,
 1x21/21x1). Each stage ends in a LayerNorm (eps 1e-5); all four stages are output.
 
-BatchNorm: mmseg's SegNeXt configs use plain (unsynced) BN, so each GPU
-normalises over its own 2 images. Our ``BatchNorm`` under ``jax.jit`` uses the
-global batch (SyncBN behaviour); to mimic per-device statistics, run the
-backbone on per-device sub-batches (e.g. ``shard_map`` or a ghost-batch
-reshape) in the training step.
+BatchNorm: mmseg's SegNeXt configs use plain (unsynced) BN, so in training each
+GPU normalises over its own 2 images. This port's ``BatchNorm`` normalises over
+the whole batch it is given (under ``jax.jit`` with a sharded batch: the global
+batch, i.e. SyncBN behaviour). Per-GPU statistics would need ghost batches,
+which are not implemented; evaluation (running statistics) is unaffected.
 """
 
 from __future__ import annotations
@@ -215,15 +215,22 @@ def mscan_config_from_official(cfg: dict) -> dict:
           if field in cfg}
 
 
+def _tuples(fields: dict) -> dict:
+  """Config lists -> tuples (nested too), so module fields stay hashable."""
+  def convert(value):
+    return tuple(convert(v) for v in value) if isinstance(value, (list, tuple)) else value
+  return {k: convert(v) for k, v in fields.items()}
+
+
 def _register_backbones():
   @BACKBONES.register("mscan")
   def build_mscan(**overrides):
     """MSCAN with mmseg's constructor defaults, any field overridable."""
-    return MSCAN(**overrides)
+    return MSCAN(**_tuples(overrides))
 
   for size, fields in MSCAN_SIZES.items():
     def build(_fields=fields, **overrides):
-      return MSCAN(**{**_fields, **overrides})
+      return MSCAN(**{**_fields, **_tuples(overrides)})
     build.__doc__ = f"MSCAN-{size.upper()} (SegNeXt-{size.upper()} backbone)."
     BACKBONES.register(f"mscan_{size}")(build)
 

@@ -83,8 +83,11 @@ def _module_fields(cls) -> set[str]:
   return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
-def _as_field(value):
-  return tuple(value) if isinstance(value, list) else value
+def as_field(value):
+  """Config lists -> tuples (nested too), so module fields stay hashable."""
+  if isinstance(value, (list, tuple)):
+    return tuple(as_field(v) for v in value)
+  return value
 
 
 def build_encoder_decoder(backbone_cls, backbone_fields: Mapping[str, Any], head_cls,
@@ -98,7 +101,7 @@ def build_encoder_decoder(backbone_cls, backbone_fields: Mapping[str, Any], head
   backbone_names, head_names = _module_fields(backbone_cls), _module_fields(head_cls)
   backbone_kw, head_kw = dict(backbone_fields), dict(head_fields)
   for key, value in overrides.items():
-    value = _as_field(value)
+    value = as_field(value)
     if key == "dtype":
       backbone_kw[key] = head_kw[key] = value
     elif key in backbone_names and key in head_names:
@@ -138,6 +141,14 @@ def check_head_config(head: Mapping[str, Any], norm_types: Sequence[str]) -> str
   return "gn" if norm["type"] == "GN" else "bn"
 
 
+def check_in_channels(head: Mapping[str, Any], widths: Sequence[int]) -> None:
+  """The head's declared ``in_channels`` must be the selected backbone widths."""
+  selected = [widths[i] for i in head["in_index"]]
+  if list(head["in_channels"]) != selected:
+    raise ValueError(f"Head in_channels {list(head['in_channels'])} do not match the "
+                     f"backbone outputs {selected} selected by in_index")
+
+
 def segformer_head_from_official(head: Mapping[str, Any], num_classes: int) -> SegformerHead:
   """Maps an mmseg ``SegformerHead`` / ``SegformerHeadOffsetLearning`` config."""
   kind = head.get("type")
@@ -161,10 +172,16 @@ def segformer_from_official(cfg: Mapping[str, Any], num_classes: int) -> Encoder
   check_segmentor_config(cfg)
   backbone = MixVisionTransformer(**mit_config_from_official(cfg["backbone"]))
   head = segformer_head_from_official(cfg["decode_head"], num_classes)
+  widths = [backbone.embed_dims * n for n in backbone.num_heads]
+  check_in_channels(cfg["decode_head"], widths)
   return EncoderDecoder(backbone=backbone, decode_head=head)
 
 
-HEADS.register("segformer_head")(SegformerHead)
+@HEADS.register("segformer_head")
+def build_segformer_head(num_classes: int, **fields) -> SegformerHead:
+  """SegformerHead with ``fields`` overriding its defaults (plain mmseg head)."""
+  return SegformerHead(num_classes=num_classes,
+                       **{k: as_field(v) for k, v in fields.items()})
 
 
 def _register_models():

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from offseg_jax.models import layers
 from offseg_jax.models.classifiers import classify
 from offseg_jax.models.mscan import MSCAN, MSCAN_SIZES, mscan_config_from_official
-from offseg_jax.models.segformer import (build_encoder_decoder, check_head_config,
-                                         check_segmentor_config)
+from offseg_jax.models.segformer import (as_field, build_encoder_decoder, check_head_config,
+                                         check_in_channels, check_segmentor_config)
 from offseg_jax.models.segmentor import EncoderDecoder
 from offseg_jax.registry import HEADS, MODELS
 
@@ -116,7 +116,7 @@ class NMF2D(nn.Module):
 
 class Hamburger(nn.Module):
   """ReLU(x + GN(conv(NMF(ReLU(conv_with_bias(x)))))) (torch ``ham_in/ham/ham_out``)."""
-  ham_kwargs: Mapping[str, Any]
+  nmf_fields: Mapping[str, Any]      # NMF2D fields (S, R, train_steps, eval_steps)
   num_groups: int = 32
   dtype: Any = jnp.float32
 
@@ -125,7 +125,7 @@ class Hamburger(nn.Module):
     c = x.shape[-1]
     y = layers.ConvModule(c, 1, norm=None, act=None, dtype=self.dtype, name="ham_in")(x)
     y = nn.relu(y)
-    y = NMF2D(**self.ham_kwargs, name="ham")(y, train, bases).astype(self.dtype)
+    y = NMF2D(**self.nmf_fields, name="ham")(y, train, bases).astype(self.dtype)
     y = layers.ConvModule(c, 1, norm="gn", num_groups=self.num_groups, act=None,
                           dtype=self.dtype, name="ham_out")(y)
     return nn.relu(x + y)
@@ -221,10 +221,15 @@ def segnext_from_official(cfg: Mapping[str, Any], num_classes: int) -> EncoderDe
   check_segmentor_config(cfg)
   backbone = MSCAN(**mscan_config_from_official(cfg["backbone"]))
   head = ham_head_from_official(cfg["decode_head"], num_classes)
+  check_in_channels(cfg["decode_head"], backbone.embed_dims)
   return EncoderDecoder(backbone=backbone, decode_head=head)
 
 
-HEADS.register("light_ham_head")(LightHamHead)
+@HEADS.register("light_ham_head")
+def build_light_ham_head(num_classes: int, **fields) -> LightHamHead:
+  """LightHamHead with ``fields`` overriding its defaults (plain mmseg head)."""
+  return LightHamHead(num_classes=num_classes,
+                      **{k: as_field(v) for k, v in fields.items()})
 
 # Head widths of the SegNeXt configs (the OL configs keep them); MD_R is 16 in all.
 _HEAD_SIZES = {

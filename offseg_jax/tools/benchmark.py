@@ -24,8 +24,16 @@ import json
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from input_pipeline import datasets
+from offseg_jax import losses, optim, train
+from offseg_jax.evaluation import inference
+from offseg_jax.models import build_model, layers
 
 FLAGS = flags.FLAGS
 
@@ -41,7 +49,6 @@ def _hw(value, default) -> tuple[int, int]:
 
 def _time(fn, steps: int, warmup: int) -> tuple[float, float]:
   """(compile + first call seconds, seconds per timed iteration) of ``fn()``."""
-  import jax  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - start
@@ -60,14 +67,6 @@ def benchmark(config, *, batch: int = 8, dtype: str = "float32", steps: int = 20
               slide_size: Sequence[int] | None = None,
               modes: Sequence[str] = MODES, verbose: bool = True) -> dict[str, Any]:
   """Times the requested ``modes``; returns a JSON-able dict of the results."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
-  from offseg_jax import losses, optim, train  # pylint: disable=g-import-not-at-top
-  from offseg_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
-  from offseg_jax.models import build_model, layers  # pylint: disable=g-import-not-at-top
-
   unknown = [m for m in modes if m not in MODES]
   if unknown:
     raise ValueError(f"unknown --modes {unknown}; choose from {MODES}")

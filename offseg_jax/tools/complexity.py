@@ -36,7 +36,6 @@ import flax
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
-import numpy as np
 
 from offseg_jax import models
 

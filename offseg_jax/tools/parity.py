@@ -141,18 +141,26 @@ def _flatten_outputs(out, prefix: str, into: dict):
 
 
 def named_outputs(kind: str, out) -> dict[str, np.ndarray]:
-  """The module output as ``{npz key: array}`` (our NHWC layout)."""
+  """The module output as ``{npz key: array}`` (our NHWC layout).
+
+  A backbone's tuple becomes ``backbone/<i>``; a bare array ``output`` (blocks)
+  or ``logits``; a ``(logits, aux)`` pair ``logits`` plus the flattened aux
+  dict (``neck/<i>``, ...); a dict its flattened entries.
+  """
   named: dict[str, np.ndarray] = {}
-  if kind == "backbone":
+  main_key = "output" if kind == "block" else "logits"
+  if kind == "backbone" and isinstance(out, (tuple, list)):
     _flatten_outputs(tuple(out), "backbone", named)
   elif hasattr(out, "shape"):
-    named["output" if kind == "block" else "logits"] = np.asarray(out)
+    named[main_key] = np.asarray(out)
   elif (isinstance(out, tuple) and len(out) == 2 and hasattr(out[0], "shape")
         and isinstance(out[1], Mapping)):
-    named["logits" if kind != "block" else "output"] = np.asarray(out[0])
     _flatten_outputs(out[1], "", named)
+    named[main_key] = np.asarray(out[0])
+  elif isinstance(out, Mapping):
+    _flatten_outputs(out, "", named)
   else:
-    _flatten_outputs(out, "output", named)
+    _flatten_outputs(out, main_key, named)
   return named
 
 
