@@ -70,9 +70,15 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // pc
 
 
-def train_dataset(config) -> grain.IterDataset:
-  """The training IterDataset of host-local batches (numpy dicts)."""
-  source = datasets.build_source(config.data, "train")
+def train_dataset(config, source=None) -> grain.IterDataset:
+  """The training IterDataset of host-local batches (numpy dicts).
+
+  ``source`` defaults to ``datasets.build_source(config.data, 'train')``; pass
+  it to keep a handle on it (e.g. its ``bad_files`` log with
+  ``data.skip_bad_files=True``).
+  """
+  if source is None:
+    source = datasets.build_source(config.data, "train")
   n = len(source)
   pid, pc = jax.process_index(), jax.process_count()
   shard = grain.MapDataset.range(n)[pid::pc]

@@ -12,8 +12,8 @@ official checkpoint. ``--predictions=DIR`` scores label PNGs instead of running 
 model (``DIR/<name>.png`` per example, in the dataset's label convention, e.g.
 ``predict``'s ``raw/`` folder).
 
-Prints the per-class table and writes to ``--output`` (default: the workdir, or
-the directory holding the checkpoint): ``metrics.json`` (percent; per-class by
+Prints the per-class table and writes to ``--output`` (default: ``WORKDIR/eval``
+for a training checkpoint, else the directory holding the checkpoint): ``metrics.json`` (percent; per-class by
 class name; null = class absent from ground truth and prediction),
 ``confusion.npy`` (int64, rows = ground truth), ``confusion.png`` and
 ``report.md`` with per-class IoU, confusion, sample overlays and training
@@ -50,12 +50,14 @@ def default_output_dir(checkpoint: str | None, predictions: str | None = None) -
   if predictions:
     return Path(predictions).resolve().parent / "eval"
   path = Path(checkpoint).resolve()
+  # Inside a training workdir results go to WORKDIR/eval, never over the
+  # trainer's own metrics.json.
   if (path / "checkpoints").is_dir():
-    return path                                  # a workdir
+    return path / "eval"                         # a workdir
   if path.name == "checkpoints":
-    return path.parent
+    return path.parent / "eval"
   if path.parent.name == "checkpoints" and path.name.isdigit():
-    return path.parent.parent                    # WORKDIR/checkpoints/<step>
+    return path.parent.parent / "eval"           # WORKDIR/checkpoints/<step>
   return path if path.is_dir() else path.parent
 
 

@@ -249,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Checkpoints: resume, or initialise (optionally from converted weights). -
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-  train_iter = iter(loader.train_dataset(config))
+  train_source = datasets.build_source(config.data, "train")
+  train_iter = iter(loader.train_dataset(config, train_source))
   latest = manager.latest_step()
   if latest is not None:
     target = jax.tree_util.tree_map(
@@ -318,6 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     np.save(os.path.join(workdir, "confusion.npy"), confusion)
   _log(f"final validation mIoU: {summary['mIoU']:.2f} (aAcc {summary['aAcc']:.2f}, "
        f"mAcc {summary['mAcc']:.2f}) -> {os.path.join(workdir, 'metrics.json')}")
+  if getattr(train_source, "bad_files", None) is not None:
+    _log(train_source.bad_files.summary())     # nothing is dropped silently
   writer.close()
   manager.close()
   if hasattr(train_iter, "close"):

@@ -120,3 +120,24 @@ def _register(variant: str):
 
 for _variant in _VARIANTS:
   _register(_variant)
+
+
+# A reduced member of the family for CPU-scale experiments (the synthetic
+# default and the Table 6 ablation): the same modules as OffSeg-T — EfficientFormerV2
+# stages with attention in the last blocks, the FreqFusion decoder and Offset
+# Learning — at a fraction of the width, depth and attention size. No official
+# checkpoint exists for it.
+NANO_BACKBONE = dict(widths=(32, 48, 96, 128), depths=(2, 2, 3, 2),
+                     expansion_ratios=((4, 4), (4, 4), (4, 4, 4), (4, 4)), vit_num=1,
+                     num_heads=4, key_dim=16, attn_ratio=2, downsample_key_dim=16,
+                     drop_path_rate=0.0)
+NANO_HEAD = dict(new_channels=(32, 32, 64, 64), channels=128)
+
+
+@MODELS.register("offseg_nano")
+def offseg_nano(num_classes: int, *, backbone: Mapping[str, Any] | None = None,
+                head: Mapping[str, Any] | None = None, **overrides) -> EncoderDecoder:
+  """OffSeg-nano: a reduced EfficientFormerV2 + OffSegHead for CPU-scale runs."""
+  return build_offseg("offseg_t", num_classes,
+                      backbone={**NANO_BACKBONE, **dict(backbone or {})},
+                      head={**NANO_HEAD, **dict(head or {})}, **overrides)
