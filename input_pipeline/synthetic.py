@@ -9,7 +9,7 @@ Design (why it is a fair test of Offset Learning, not a toy):
     *texture* (stripe orientation, checker, dots, speckle, rings, grid) with its
     own period range and a preferred *shape* (rectangles, ellipses, triangles,
     blobs), at random size, position and rotation;
-  * 2-6 objects per image, painted in random order, so later objects occlude
+  * 2-5 objects per image, painted in random order, so later objects occlude
     earlier ones;
   * a per-image appearance shift: every class draws its two texture colours anew
     in every image (plus a global gain and pixel noise), so the same class looks
@@ -38,8 +38,8 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 _SHAPES = ("rect", "ellipse", "triangle", "blob")
 _PREFERRED_SHAPE = {1: "rect", 2: "ellipse", 3: "triangle", 4: "rect", 5: "ellipse",
                     6: "blob", 7: "ellipse", 8: "triangle"}
-_PERIOD = {1: (3.0, 5.0), 2: (3.0, 5.0), 3: (3.5, 5.5), 4: (4.0, 6.0), 5: (4.0, 6.0),
-           6: (1.0, 1.0), 7: (3.5, 5.0), 8: (5.0, 7.0)}
+_PERIOD = {1: (5.0, 7.0), 2: (5.0, 7.0), 3: (5.5, 7.5), 4: (6.0, 8.0), 5: (6.0, 8.0),
+           6: (2.0, 2.0), 7: (5.5, 7.0), 8: (7.0, 9.0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +131,9 @@ def _texture(rng, cls: int, yy, xx, size: int, cy: float, cx: float):
     fy = np.mod(yy + phase, period) - period / 2
     fx = np.mod(xx + phase, period) - period / 2
     return (fy ** 2 + fx ** 2 <= (period * 0.3) ** 2).astype(np.float64)
-  if cls == 6:                                     # speckle: per-pixel noise
-    return (rng.random(yy.shape) < 0.5).astype(np.float64)
+  if cls == 6:                                     # speckle: noise in 2x2 cells
+    cells = (rng.random(((yy.shape[0] + 1) // 2, (yy.shape[1] + 1) // 2)) < 0.5)
+    return np.repeat(np.repeat(cells, 2, 0), 2, 1)[:yy.shape[0], :yy.shape[1]].astype(np.float64)
   if cls == 7:                                     # concentric rings
     r = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
     return 0.5 + 0.5 * np.sign(np.sin(w * r + phase))
@@ -155,10 +156,10 @@ def render_scene(rng: np.random.Generator, size: int):
 
   # Per-image appearance of every class (the misalignment Offset Learning targets).
   colours = {c: _random_colour_pair(rng) for c in range(1, NUM_CLASSES)}
-  for _ in range(int(rng.integers(2, 7))):
+  for _ in range(int(rng.integers(2, 6))):
     cls = int(rng.integers(1, NUM_CLASSES))
     shape = _PREFERRED_SHAPE[cls] if rng.random() < 0.7 else _SHAPES[rng.integers(len(_SHAPES))]
-    radius = rng.uniform(0.14, 0.30) * size
+    radius = rng.uniform(0.20, 0.36) * size
     cy, cx = rng.uniform(0.1, 0.9, size=2) * size
     mask = _shape_mask(rng, shape, yy, xx, cy, cx, radius)
     if mask.sum() < 0.01 * size * size:

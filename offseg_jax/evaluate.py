@@ -25,7 +25,6 @@ command on every host (``--coordinator_address`` etc., or a detected cluster).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from input_pipeline import datasets
+from offseg_jax import distributed
 from offseg_jax.evaluation import report as report_lib
 from offseg_jax.evaluation import runner
 
@@ -124,16 +124,6 @@ def run(config, checkpoint: str | None = None, *, predictions: str | None = None
   return summary
 
 
-def _maybe_initialize_distributed():
-  """Multi-process runs: explicit flags, or a detected SLURM / Cloud TPU cluster."""
-  if FLAGS.coordinator_address:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ):
-    jax.distributed.initialize()
-
-
 def define_flags():
   """Command-line flags; defined only when run as a program, so the tools
   can be imported together (they share flag names)."""
@@ -150,16 +140,14 @@ def define_flags():
   flags.DEFINE_integer("max_images", None, "Score only the first N images (smoke tests).")
   flags.DEFINE_integer("num_samples", 4, "Sample overlays in the report.")
   flags.DEFINE_bool("report", True, "Write report.md and its figures.")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
-  flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+  distributed.define_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  _maybe_initialize_distributed()
+  distributed.initialize_from_flags()
   run(FLAGS.config, FLAGS.checkpoint, predictions=FLAGS.predictions, output=FLAGS.output,
       split=FLAGS.split, mode=FLAGS.mode, tta=FLAGS.tta, which=FLAGS.which,
       max_images=FLAGS.max_images, num_samples=FLAGS.num_samples, report=FLAGS.report)

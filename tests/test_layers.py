@@ -103,3 +103,25 @@ def test_converter_maps_names_and_layouts_and_reports_problems():
     core.torch_to_flax(dict(state, **{"extra.weight": np.zeros(1)}), template)
   with pytest.raises(core.ConversionError, match="conv.weight"):
     core.torch_to_flax(dict(state, **{"conv.weight": np.zeros((4, 2, 1, 1))}), template)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), 1, 1, 1), ((3, 3), 2, 1, 1), ((1, 7), 1, (0, 3), 1), ((5, 5), 1, 4, 2),
+    ((3, 3), 2, ((0, 1), (1, 0)), 1)])
+def test_depthwise_shift_add_equals_grouped_convolution(kernel, stride, padding, dilation):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 9, 11, 6)).astype(np.float32))
+  conv = layers.Conv2d(6, kernel, stride, padding, dilation, groups=6)
+  v = conv.init(jax.random.PRNGKey(0), x)
+  import os
+  outs = {}
+  for impl in ("conv", "shift"):
+    os.environ["OFFSEG_DEPTHWISE"] = impl
+    try:
+      outs[impl] = np.asarray(conv.apply(v, x))
+      g = jax.grad(lambda v: (conv.apply(v, x) ** 2).sum())(v)
+      outs[impl + "_grad"] = np.asarray(g["params"]["kernel"])
+    finally:
+      del os.environ["OFFSEG_DEPTHWISE"]
+  np.testing.assert_allclose(outs["shift"], outs["conv"], atol=1e-5)
+  np.testing.assert_allclose(outs["shift_grad"], outs["conv_grad"], rtol=1e-4, atol=1e-4)

@@ -25,8 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.init_from = ""                  # converted checkpoint (full model or --backbone-only)
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "offseg_t"
+  c.model = model_config("offseg_t")
 
   c.losses = ml_collections.ConfigDict()
   c.losses.cross_entropy = ml_collections.ConfigDict(
@@ -68,6 +67,22 @@ def base_config() -> ml_collections.ConfigDict:
   # entries); first match wins, unmatched parameters are replicated.
   c.sharding_rules = ((".*", ()),)
   return c
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+  """``config.model`` for a registered model: its name and classifier kind.
+
+  Every head ends in a selectable classifier (``offset_learning`` | ``conv`` |
+  ``class_offset`` | ``feature_offset``, see offseg_jax/models/classifiers.py):
+  the OffSeg models and the ``*_ol`` variants default to Offset Learning, the
+  others to mmseg's 1x1 ``conv_seg``. ``pixel_linear`` has no head to switch.
+  """
+  m = ml_collections.ConfigDict()
+  m.name = name
+  if name != "pixel_linear":
+    ol = name.startswith("offseg") or name.endswith("_ol")
+    m.classifier = "offset_learning" if ol else "conv"
+  return m
 
 
 def data_config(name: str, **overrides) -> ml_collections.ConfigDict:

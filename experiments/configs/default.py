@@ -16,18 +16,18 @@ from experiments.configs import common
 def get_config(arg: str | None = None):
   c = common.base_config()
   c.seed = 0
-  c.batch_size = 16
-  c.total_steps = 1500
-  c.eval_every = 500
-  c.checkpoint_every = 250
-  c.log_every = 50
+  c.batch_size = 8
+  c.total_steps = 3000
+  c.eval_every = 1000
+  c.checkpoint_every = 500
+  c.log_every = 100
 
-  c.model.name = arg or "tiny"
+  c.model = common.model_config(arg or "offseg_nano")
 
   c.data = common.data_config("synthetic", image_size=64, num_train=8192, num_val=256,
                               crop_size=(64, 64))
 
-  c.optimizer.lr = 2e-3
+  c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 100
   c.optimizer.weight_decay = 0.01
 

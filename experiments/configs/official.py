@@ -140,7 +140,7 @@ def experiment_config(*, model_name: str, dataset: str, schedule: Schedule, eval
   c.eval_every = schedule.eval_every
   c.checkpoint_every = schedule.eval_every
 
-  c.model.name = model_name
+  c.model = common.model_config(model_name)
   c.data = common.data_config(dataset, crop_size=CROP_SIZE[dataset])
 
   c.eval.mode = eval_mode

@@ -147,7 +147,7 @@ def evaluate_model(model: Any, variables, config, split: str = "val",
       pred = segmenter.labels(np.asarray(resized), label.shape)
     if pred.shape != label.shape:
       raise ValueError(f"prediction {pred.shape} and label {label.shape} of "
-                       f"{example.get('name', index)!r} differ in size")
+                       f"{example.get('name', '<unnamed example>')!r} differ in size")
     if pending_pixels + label.size > _FLUSH_PIXELS and pending is not None:
       total += np.asarray(pending, np.int64)
       pending, pending_pixels = None, 0

@@ -37,9 +37,7 @@ def run_ablation(config, workdir: str, steps: int, seeds: list[int],
   for kind in kinds:
     for seed in seeds:
       c = config.copy_and_resolve_references()
-      c.unlock()
       c.model.classifier = kind
-      c.lock()
       c.seed = seed
       c.total_steps = steps
       c.eval_every = steps
