@@ -17,8 +17,8 @@ def get_config(arg: str | None = None):
   c = common.base_config()
   c.seed = 0
   c.batch_size = 8
-  c.total_steps = 3000
-  c.eval_every = 1000
+  c.total_steps = 2000
+  c.eval_every = 500
   c.checkpoint_every = 500
   c.log_every = 100
 
@@ -27,7 +27,12 @@ def get_config(arg: str | None = None):
   c.data = common.data_config("synthetic", image_size=64, num_train=8192, num_val=256,
                               crop_size=(64, 64))
 
-  c.optimizer.lr = 1e-3
+  # Trained from scratch: one learning rate for backbone and head (the official
+  # head x10 is for a fresh head on an ImageNet backbone; here it made training
+  # unstable: 68 % instead of 84 % mIoU at the same budget) and clipped gradients.
+  c.optimizer.lr = 2e-3
+  c.optimizer.custom_keys.head.lr_mult = 1.0
+  c.optimizer.grad_clip_norm = 1.0
   c.optimizer.warmup_steps = 100
   c.optimizer.weight_decay = 0.01
 
