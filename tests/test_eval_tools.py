@@ -162,15 +162,16 @@ def test_evaluate_command_writes_metrics_confusion_and_report(tiny_workdir):
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "mIoU" in result.stdout and "v_stripes" in result.stdout      # per-class table
-  metrics_json = json.loads((workdir / "metrics.json").read_text())   # default: the workdir
+  out = workdir / "eval"          # default: WORKDIR/eval, never over the trainer's files
+  metrics_json = json.loads((out / "metrics.json").read_text())
   assert {"aAcc", "mIoU", "mAcc", "mDice"} <= set(metrics_json)
   assert set(metrics_json["per_class"]) == set(datasets.dataset_info(config.data).class_names)
   assert metrics_json["meta"]["mode"] == "slide" and metrics_json["meta"]["num_images"] == 5
-  confusion = np.load(workdir / "confusion.npy")
+  confusion = np.load(out / "confusion.npy")
   assert confusion.sum() == labelled_pixels(config)
   for png in ("confusion.png", "per_class_iou.png", "samples.png", "training_curves.png"):
-    assert (workdir / png).stat().st_size > 1000, png
-    assert png in (workdir / "report.md").read_text()
+    assert (out / png).stat().st_size > 1000, png
+    assert png in (out / "report.md").read_text()
 
 
 def test_evaluate_restored_checkpoint_matches_in_memory_variables(tiny_workdir, tmp_path):

@@ -116,9 +116,12 @@ def test_in_process_training_improves_over_initialisation(tmp_path):
   from experiments.configs import default
   from offseg_jax import train
   c = default.get_config("tiny")
-  c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 40, 40, 40, 20
-  c.batch_size, c.data.num_val, c.eval.batch_size = 8, 16, 8
+  c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 200, 200, 200, 50
+  c.batch_size, c.data.num_val, c.eval.batch_size = 16, 16, 8
   c.optimizer.warmup_steps = 5
+  c.optimizer.lr = 2e-3
+  c.optimizer.custom_keys.head.lr_mult = 10.0   # fast start for a short run
+  c.optimizer.grad_clip_norm = 0.0
   summary = train.train_and_evaluate(c, str(tmp_path))
-  # 9 classes: guessing gives ~11 % mIoU; after 40 steps the background alone is learnt.
-  assert summary["aAcc"] > 60.0
+  # Chance is 11 % mIoU and all-background ~6 %: objects must have been learnt.
+  assert summary["mIoU"] > 15.0, summary["mIoU"]

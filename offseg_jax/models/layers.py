@@ -17,6 +17,7 @@ Torch semantics that matter and are reproduced here:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Sequence
 
@@ -99,12 +100,30 @@ class Conv2d(nn.Module):
     return y
 
 
+@contextlib.contextmanager
+def depthwise_impl(impl: str):
+  """Traces depthwise convolutions as ``'conv'`` or ``'shift'`` inside the block.
+
+  E.g. FLOP counters that look for convolutions in the program use 'conv'.
+  """
+  previous = os.environ.get("OFFSEG_DEPTHWISE")
+  os.environ["OFFSEG_DEPTHWISE"] = impl
+  try:
+    yield
+  finally:
+    if previous is None:
+      del os.environ["OFFSEG_DEPTHWISE"]
+    else:
+      os.environ["OFFSEG_DEPTHWISE"] = previous
+
+
 def _depthwise_as_shifts() -> bool:
   """Whether depthwise convolutions run as k*k shifted multiply-adds.
 
   XLA's CPU backend runs grouped convolutions (and their gradients) 2-15x slower
   than the same arithmetic written as shifted slices; GPUs and TPUs have fast
-  native depthwise kernels. ``OFFSEG_DEPTHWISE=conv|shift`` forces either path.
+  native depthwise kernels. ``OFFSEG_DEPTHWISE=conv|shift`` (or
+  :func:`depthwise_impl`) forces either path.
   """
   choice = os.environ.get("OFFSEG_DEPTHWISE", "auto")
   if choice == "auto":

@@ -38,6 +38,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 
 from offseg_jax import models
+from offseg_jax.models import layers
 
 # Paper convention per model family (name prefix): (figure used, explanation).
 PAPER_CONVENTIONS = {
@@ -194,7 +195,10 @@ def analyze(model_name: str, num_classes: int = 150, size=(512, 512), batch: int
   def forward(v, x):
     return model.apply(v, x, train=False, rngs=rngs)
 
-  jaxpr = jax.make_jaxpr(forward)(variables, images)
+  # Count convolutions as convolutions: on CPU, depthwise convs are otherwise
+  # traced as shifted multiply-adds (offseg_jax.models.layers.depthwise_impl).
+  with layers.depthwise_impl("conv"):
+    jaxpr = jax.make_jaxpr(forward)(variables, images)
   notes: set[str] = set()
   counts = count_macs(jaxpr, {"conv_general_dilated": _conv_macs, "dot_general": _dot_macs},
                       notes)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from offseg_jax import models
+from offseg_jax.models import layers
 from offseg_jax.tools import complexity
 
 TOLERANCE = 0.03
@@ -175,8 +176,9 @@ def count(model_name: str, num_classes: int, size: tuple[int, int]) -> Counts:
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
   # SegNeXt's NMF draws its bases from 'ham' in eval; values do not matter here.
   rngs = {"ham": jax.random.key(1), "dropout": jax.random.key(2)}
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False, rngs=rngs))(
-      variables, images)
+  with layers.depthwise_impl("conv"):      # depthwise convs count as convolutions
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False, rngs=rngs))(
+        variables, images)
   conv = complexity.conv_macs(jaxpr)
   conv_as_matmul = complexity.count_macs(
       jaxpr, {"dot_general": _torch_conv_matmul_macs})["dot_general"]
