@@ -65,7 +65,8 @@ def _workdir_of(checkpoint: str | None) -> Path | None:
   if not checkpoint:
     return None
   out = default_output_dir(checkpoint)
-  return out if (out / "checkpoints").is_dir() else None
+  workdir = out.parent if out.name == "eval" else out
+  return workdir if (workdir / "checkpoints").is_dir() else None
 
 
 def run(config, checkpoint: str | None = None, *, predictions: str | None = None,
