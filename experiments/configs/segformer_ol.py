@@ -15,7 +15,7 @@ are no Cityscapes or Pascal-Context SegFormer-OL configs. The baselines (no
 ``_ol``) use the same recipe, for a like-for-like comparison; mmseg's own
 SegFormer configs evaluate ADE whole-image (``--config.eval.mode=whole``).
 
-Initialise the backbone from mmseg's ImageNet MiT checkpoint, converted once:
+Initialise the backbone with the mmsegmentation ImageNet MiT checkpoint, converted once:
 
   wget https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/segformer/mit_b0_20220624-7e0fe6dd.pth
   python -m offseg_jax.convert --model segformer_b0_ol --backbone-only \

@@ -25,7 +25,7 @@ per-GPU batch x 8 GPUs; AdamW 6e-5, warm-up 1500 + poly to ``total_steps``.
 There is no SegNeXt-L. The baselines (no ``_ol``) use the same recipe, for a
 like-for-like comparison.
 
-Initialise the backbone from mmseg's ImageNet MSCAN checkpoint, converted once:
+Initialise the backbone with the mmsegmentation ImageNet MSCAN checkpoint, converted once:
 
   wget https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/segnext/mscan_t_20230227-119e8c9f.pth
   python -m offseg_jax.convert --model segnext_t_ol --backbone-only \
