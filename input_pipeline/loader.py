@@ -25,19 +25,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from input_pipeline import datasets, transforms
 
 
-def _pad_example(image: np.ndarray, label: np.ndarray, crop_size):
-  """Pads a normalised float image with 0 and its label with 255 (bottom/right)."""
-  h, w = label.shape
-  ch, cw = crop_size
-  if (h, w) == (ch, cw):
-    return image, label
-  if h > ch or w > cw:
-    raise ValueError(f"example of size {(h, w)} is larger than the crop {crop_size}")
-  image = np.pad(image, ((0, ch - h), (0, cw - w), (0, 0)), constant_values=0.0)
-  label = np.pad(label, ((0, ch - h), (0, cw - w)), constant_values=255)
-  return image, label
-
-
 @dataclasses.dataclass
 class _TrainExample:
   """Picklable per-example training function (used by grain worker threads)."""
@@ -48,17 +35,15 @@ class _TrainExample:
 
   def __post_init__(self):
     self.transform = transforms.build_train_transform(self.data_config)
-    self.mean = tuple(self.data_config.mean)
-    self.std = tuple(self.data_config.std)
-    self.crop = tuple(self.data_config.crop_size)
+    # Normalise, then pad the float image with 0 and the label with 255.
+    self.finalize = transforms.build_train_finalize(self.data_config)
 
   def __call__(self, position: int, index: int):
     epoch = position // self.shard_len
     rng = np.random.default_rng([self.seed, epoch, int(index)])
-    example = self.transform(self.source[int(index)], rng)
-    image = transforms.normalize(example["image"], self.mean, self.std)
-    image, label = _pad_example(image, np.asarray(example["label"]), self.crop)
-    return {"image": image.astype(np.float32), "label": label.astype(np.int32)}
+    example = self.finalize(self.transform(self.source[int(index)], rng))
+    return {"image": example["image"].astype(np.float32),
+            "label": np.asarray(example["label"]).astype(np.int32)}
 
 
 def local_batch_size(global_batch: int) -> int:
