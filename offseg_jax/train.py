@@ -119,7 +119,7 @@ def make_train_step(model, tx, loss_fn, schedule):
           {"params": params, "batch_stats": state["batch_stats"]}, batch["image"],
           train=True, rngs={"dropout": dropout_rng, "ham": ham_rng},
           mutable=["batch_stats"])
-      loss, terms = loss_fn(logits, aux, batch["label"])
+      loss, terms = loss_fn(logits, aux, batch["label"], step=state["step"])
       return loss, (terms, new_vars.get("batch_stats", state["batch_stats"]))
 
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(

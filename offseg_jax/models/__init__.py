@@ -22,6 +22,13 @@ _FAMILIES = (
     "offseg_jax.models.segformer",
     "offseg_jax.models.mscan",
     "offseg_jax.models.segnext",
+    "offseg_jax.models.swin",
+    "offseg_jax.models.resnet",
+    "offseg_jax.models.ecenet_head",
+    "offseg_jax.models.van",
+    "offseg_jax.models.fpn",
+    "offseg_jax.models.frm",
+    "offseg_jax.models.presets",
 )
 
 for _name in _FAMILIES:

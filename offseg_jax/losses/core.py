@@ -1,14 +1,16 @@
-"""Segmentation losses that compose: ``config.losses = {name: {weight, ...}}``.
+"""The loss registry, cross-entropy and the composer of configured terms.
 
 Every loss is ``fn(logits, aux, labels, **kwargs) -> scalar``; ``logits`` are the
 model's NHWC logits at the head stride, ``aux`` its auxiliary outputs, ``labels``
-int (B, H, W) with 255 = ignore. :func:`build_loss` sums the configured terms
-with their weights and returns each term for logging, so ECENet's mask and
-diversity losses or FRM's pixel-contrastive loss plug in by registering here.
+int (B, H, W) with 255 = ignore. A loss that declares a keyword-only ``step``
+argument also receives the optimizer step (a traced int32 scalar), for terms that
+switch on after a warm-up. :func:`build_loss` sums the configured terms with
+their weights and returns each term for logging.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping
 
 import jax
@@ -61,9 +63,10 @@ def cross_entropy(logits, aux, labels, *, ignore_index: int = 255,
 
 
 def build_loss(losses_config: Mapping[str, Mapping[str, Any]]):
-  """``fn(logits, aux, labels) -> (total, {name: value})`` from the config.
+  """``fn(logits, aux, labels, step=0) -> (total, {name: value})`` from the config.
 
   ``losses_config`` maps a registered loss name to its kwargs plus ``weight``.
+  Every term is returned unweighted, so each can be logged on its own.
   """
   terms = []
   for name, kwargs in dict(losses_config).items():
@@ -71,13 +74,20 @@ def build_loss(losses_config: Mapping[str, Mapping[str, Any]]):
       raise ValueError(f"Unknown loss {name!r} in config.losses; known: {sorted(LOSSES)}")
     kwargs = dict(kwargs)
     weight = float(kwargs.pop("weight", 1.0))
-    terms.append((name, weight, LOSSES[name], kwargs))
+    fn = LOSSES[name]
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(kwargs) - set(params) - {"step"})
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+      raise ValueError(f"config.losses.{name} has unknown field(s) {unknown}; "
+                       f"valid: {sorted(set(params) - {'logits', 'aux', 'labels', 'step'})}")
+    terms.append((name, weight, fn, kwargs, "step" in params))
   if not terms:
     raise ValueError("config.losses is empty")
 
-  def loss_fn(logits, aux, labels):
-    values = {name: fn(logits, aux, labels, **kw) for name, _, fn, kw in terms}
-    total = sum(w * values[name] for name, w, _, _ in terms)
+  def loss_fn(logits, aux, labels, step=0):
+    values = {name: fn(logits, aux, labels, **kw, **({"step": step} if wants_step else {}))
+              for name, _, fn, kw, wants_step in terms}
+    total = sum(w * values[name] for name, w, *_ in terms)
     return total, values
 
   return loss_fn
