@@ -11,6 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from input_pipeline import datasets
+from offseg_jax.models import compose
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,18 +71,33 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:
-  """``config.model`` for a registered model: its name and classifier kind.
+  """``config.model`` for a registered model: name, classifier, dtype and parts.
 
   Every head ends in a selectable classifier (``offset_learning`` | ``conv`` |
   ``class_offset`` | ``feature_offset``, see offseg_jax/models/classifiers.py):
   the OffSeg models and the ``*_ol`` variants default to Offset Learning, the
-  others to mmseg's 1x1 ``conv_seg``. ``pixel_linear`` has no head to switch.
+  others to their preset's classifier. ``pixel_linear`` has no head to switch.
+
+  ``dtype`` is the compute dtype (``float32`` | ``bfloat16``); parameters,
+  optimizer state and losses stay float32. ``backbone``, ``refiner``, ``neck``,
+  ``head`` and ``projection`` swap a part of the preset by its registered name
+  ('' keeps the preset's); composed presets (ECENet, FRM) also expose their parts'
+  fields as ``<slot>_args``.
   """
   m = ml_collections.ConfigDict()
   m.name = name
-  if name != "pixel_linear":
-    ol = name.startswith("offseg") or name.endswith("_ol")
-    m.classifier = "offset_learning" if ol else "conv"
+  m.dtype = "float32"
+  if name == "pixel_linear":
+    return m
+  spec = compose.COMPOSITIONS.get(name, {})
+  ol = name.startswith("offseg") or name.endswith("_ol")
+  m.classifier = spec.get("classifier") or ("offset_learning" if ol else "conv")
+  for slot in compose.SLOTS:
+    m[slot] = ""
+  if name in compose.COMPOSED_PRESETS:
+    for slot in compose.SLOTS:
+      if spec.get(slot):
+        m[f"{slot}_args"] = ml_collections.ConfigDict(dict(spec[slot][1]))
   return m
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
+import jax.numpy as jnp
+
+from offseg_jax.models import compose
 from offseg_jax.registry import BACKBONES, BLOCKS, HEADS, MODELS, NECKS
 
 # Modules that register components. Each is imported if present so that
@@ -40,9 +43,24 @@ for _name in _FAMILIES:
 
 
 def build_model(model_config: Mapping[str, Any], num_classes: int):
-  """Builds ``model_config['name']`` with the remaining fields as overrides."""
-  cfg = dict(model_config)
-  name = cfg.pop("name")
+  """Builds the model ``config.model`` describes.
+
+  A preset (``name``) is built by its registered builder with the remaining
+  fields as overrides; when the config swaps or extends a part (``backbone``,
+  ``refiner``, ``neck``, ``head``, ``projection`` and their ``*_args``; see
+  :mod:`offseg_jax.models.compose`), or ``name`` is '', the model is composed
+  from the parts.
+  """
+  cfg = {k: v for k, v in dict(model_config).items()
+         if not (k in compose.SLOTS or k.endswith("_args"))}
+  spec = compose.resolve_spec(model_config)
+  name = cfg.pop("name", "")
+  if "dtype" in cfg:
+    cfg["dtype"] = jnp.dtype(cfg["dtype"])
+  uses_parts = any(dict(model_config).get(k) for k in dict(model_config)
+                   if k in compose.SLOTS or k.endswith("_args"))
+  if spec is not None and (uses_parts or not name):
+    return compose.build_composed(num_classes, spec, **cfg)
   return MODELS.build(name, num_classes=num_classes, **cfg)
 
 

@@ -185,11 +185,12 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   momentum: float = 0.1          # torch convention
   dtype: Dtype = jnp.float32
+  scale_init: Any = nn.initializers.ones   # zeros: a residual branch starting at 0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     feat = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (feat,), jnp.float32)
+    scale = self.param("scale", self.scale_init, (feat,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (feat,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((feat,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((feat,), jnp.float32))

@@ -26,12 +26,12 @@ from offseg_jax.models import efficientformer_v2, offseg_head  # noqa: F401  (re
 from offseg_jax.models.segmentor import EncoderDecoder
 from offseg_jax.registry import BACKBONES, HEADS, MODELS
 
-_VARIANTS = {
+VARIANTS = {
     "offseg_t": dict(backbone="efficientformerv2_s1_feat", new_channels=(32, 32, 64, 128)),
     "offseg_b": dict(backbone="efficientformerv2_s2_feat", new_channels=(32, 64, 128, 256)),
     "offseg_l": dict(backbone="efficientformerv2_l_feat", new_channels=(32, 64, 128, 256)),
 }
-_BY_BACKBONE = {spec["backbone"]: name for name, spec in _VARIANTS.items()}
+_BY_BACKBONE = {spec["backbone"]: name for name, spec in VARIANTS.items()}
 _BACKBONE_WIDTHS = {
     "efficientformerv2_s1_feat": efficientformer_v2.WIDTHS["S1"],
     "efficientformerv2_s2_feat": efficientformer_v2.WIDTHS["S2"],
@@ -55,7 +55,7 @@ def build_offseg(variant: str, num_classes: int, *, classifier: str = "offset_le
                  backbone: Mapping[str, Any] | None = None,
                  head: Mapping[str, Any] | None = None) -> EncoderDecoder:
   """Builds OffSeg ``variant`` ('offseg_t' / 'offseg_b' / 'offseg_l')."""
-  spec = _VARIANTS[variant]
+  spec = VARIANTS[variant]
   dtype = jnp.dtype(dtype)
   backbone_fields = dict(backbone or {})
   if drop_path_rate is not None:
@@ -113,12 +113,12 @@ def _register(variant: str):
     return build_offseg(variant, num_classes, **overrides)
 
   size = variant[-1].upper()
-  build.__doc__ = (f"OffSeg-{size}: {_VARIANTS[variant]['backbone']} + OffSegHead "
+  build.__doc__ = (f"OffSeg-{size}: {VARIANTS[variant]['backbone']} + OffSegHead "
                    "(Offset Learning classifier by default).")
   MODELS.register(variant, from_official=from_official, torch_ignore=TORCH_IGNORE)(build)
 
 
-for _variant in _VARIANTS:
+for _variant in VARIANTS:
   _register(_variant)
 
 

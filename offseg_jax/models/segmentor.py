@@ -1,8 +1,8 @@
-"""EncoderDecoder: backbone (+ optional neck) -> decode head, the mmseg segmentor."""
+"""EncoderDecoder: backbone (+ refiner) (+ neck) -> decode head, the mmseg segmentor."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 
@@ -12,25 +12,49 @@ class EncoderDecoder(nn.Module):
 
   ``__call__(images, train=False, **inputs)`` takes NHWC normalised images and
   returns ``(logits, aux)``: NHWC logits at the head's native stride and a dict of
-  auxiliary outputs (``'backbone'``: the backbone feature maps, plus whatever the
+  auxiliary outputs (``'backbone'``: the backbone feature maps, ``'neck'`` when a
+  neck exists, ``'embedding'`` when a projection head exists, plus whatever the
   head adds). Extra ``inputs`` (e.g. ``ham_bases``) are forwarded to the head.
+
+  Attributes:
+    backbone: image -> tuple of feature maps.
+    decode_head: features -> ``(logits, aux)``.
+    refiner: optional features -> features module applied to the backbone
+      outputs before the neck (FRM refines the 1/32 level this way).
+    neck: optional features -> features module (e.g. FPN).
+    projection: optional module mapping one feature map to a pixel embedding
+      (``aux['embedding']``) for embedding losses; it runs in training and at
+      initialisation only, so evaluation pays nothing for it.
+    projection_source: ``(stage, index)`` of the map the projection reads;
+      stage is ``'backbone'``, ``'refined'`` or ``'neck'``.
   """
   backbone: nn.Module
   decode_head: nn.Module
   neck: Any = None
+  refiner: Any = None
+  projection: Any = None
+  projection_source: Sequence[Any] = ("neck", 0)
 
   @nn.compact
   def __call__(self, images, train: bool = False, **inputs):
-    feats = self.backbone(images, train=train)
-    neck_out = None
+    feats = tuple(self.backbone(images, train=train))
+    stages = {"backbone": feats}
+    head_in = feats
+    if self.refiner is not None:
+      head_in = tuple(self.refiner(head_in, train=train))
+      stages["refined"] = head_in
     if self.neck is not None:
-      neck_out = self.neck(feats, train=train)
-      head_in = neck_out
-    else:
-      head_in = feats
+      head_in = tuple(self.neck(head_in, train=train))
+      stages["neck"] = head_in
     logits, aux = self.decode_head(head_in, train=train, **inputs)
     aux = dict(aux)
-    aux["backbone"] = tuple(feats)
-    if neck_out is not None:
-      aux["neck"] = tuple(neck_out)
+    aux["backbone"] = feats
+    if self.neck is not None:
+      aux["neck"] = stages["neck"]
+    if self.projection is not None and (train or self.is_initializing()):
+      stage, index = self.projection_source
+      if stage not in stages:
+        raise ValueError(f"projection_source {tuple(self.projection_source)} names a "
+                         f"stage this model lacks; it has {sorted(stages)}")
+      aux["embedding"] = self.projection(stages[stage][int(index)], train=train)
     return logits, aux

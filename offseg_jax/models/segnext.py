@@ -232,18 +232,18 @@ def build_light_ham_head(num_classes: int, **fields) -> LightHamHead:
                       **{k: as_field(v) for k, v in fields.items()})
 
 # Head widths of the SegNeXt configs (the OL configs keep them); MD_R is 16 in all.
-_HEAD_SIZES = {
+HEAD_SIZES = {
     "t": dict(ham_channels=256, channels=256),
     "s": dict(ham_channels=256, channels=256),
     "b": dict(ham_channels=512, channels=512),
 }
-_SEGNEXT_HAM = dict(MD_S=1, MD_R=16, train_steps=6, eval_steps=7)
+SEGNEXT_HAM = dict(MD_S=1, MD_R=16, train_steps=6, eval_steps=7)
 
 
 def _register_models():
   for size, backbone_fields in MSCAN_SIZES.items():
     for ol in (False, True):
-      head_fields = dict(_HEAD_SIZES[size], in_index=(1, 2, 3), ham_kwargs=_SEGNEXT_HAM,
+      head_fields = dict(HEAD_SIZES[size], in_index=(1, 2, 3), ham_kwargs=SEGNEXT_HAM,
                          classifier="offset_learning" if ol else "conv")
 
       def build(num_classes: int, _b=backbone_fields, _h=head_fields, **overrides):

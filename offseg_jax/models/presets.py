@@ -1,0 +1,55 @@
+"""Named presets as compositions of registered parts (see ``models/compose.py``).
+
+The SegFormer, SegNeXt and OffSeg presets keep the builders their family
+modules register (with the official-config mapping); their specs are recorded
+here so that a config can swap a part of them (``tests/test_compose.py`` checks
+that each spec builds exactly the preset's parameter tree). The ECENet and FRM
+presets are registered here, as compositions only.
+"""
+
+from __future__ import annotations
+
+from offseg_jax.models import mit, mscan, offseg, segnext
+from offseg_jax.models.compose import register_composition
+
+
+def _register_family_specs():
+  for size in mit.MIT_SIZES:
+    for ol in (False, True):
+      register_composition(
+          f"segformer_{size}" + ("_ol" if ol else ""),
+          {"backbone": (f"mit_{size}", {}),
+           "head": ("segformer_head", {"channels": 256, "pool_before_classifier": ol}),
+           "classifier": "offset_learning" if ol else "conv"},
+          register_model=False)
+  for size in mscan.MSCAN_SIZES:
+    for ol in (False, True):
+      register_composition(
+          f"segnext_{size}" + ("_ol" if ol else ""),
+          {"backbone": (f"mscan_{size}", {}),
+           "head": ("light_ham_head", dict(segnext.HEAD_SIZES[size], in_index=(1, 2, 3),
+                                           ham_kwargs=segnext.SEGNEXT_HAM)),
+           "classifier": "offset_learning" if ol else "conv"},
+          register_model=False)
+  for variant, spec in offseg.VARIANTS.items():
+    register_composition(
+        variant,
+        {"backbone": (spec["backbone"], {}),
+         "head": ("offseg_head", {"new_channels": spec["new_channels"]}),
+         "classifier": "offset_learning"},
+        register_model=False)
+  register_composition(
+      "offseg_nano",
+      {"backbone": (offseg.VARIANTS["offseg_t"]["backbone"], offseg.NANO_BACKBONE),
+       "head": ("offseg_head", offseg.NANO_HEAD),
+       "classifier": "offset_learning"},
+      register_model=False)
+  register_composition(
+      "tiny",
+      {"backbone": ("tiny_convnet", {"widths": (16, 32, 64, 96)}),
+       "head": ("tiny_fpn_head", {"channels": 64}),
+       "classifier": "conv"},
+      register_model=False)
+
+
+_register_family_specs()
