@@ -243,3 +243,26 @@ def test_docstring_launch_command_and_backbone_init_work(file):
 def test_global_batch_is_the_per_gpu_batch_on_eight_gpus():
   assert official.Schedule(160_000, 16_000, per_gpu_batch=1).batch_size == 8
   assert official.ITERS_160K.batch_size == 16
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.model.nme=3",
+     "error: --config.model.nme=3: unknown config key 'nme' (did you mean 'name'?)"),
+    ("--config.batch_sz=4",
+     "error: --config.batch_sz=4: unknown config key 'batch_sz' (did you mean 'batch_size'?)"),
+    ("--config.optimizer.lr=abc", "could not convert string to float: 'abc'"),
+])
+def test_command_line_config_errors_are_one_line(override, expected, tmp_path):
+  """A bad override ends the command with one line naming it, exit status 2."""
+  import subprocess
+  import sys
+  repo = Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+      [sys.executable, "-m", "offseg_jax.main",
+       f"--config={repo / 'experiments/configs/default.py'}", f"--workdir={tmp_path}",
+       override], capture_output=True, text=True, cwd=repo, timeout=120)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+  assert expected in lines[0]
+  assert not list(tmp_path.iterdir())      # nothing was started
