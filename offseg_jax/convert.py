@@ -20,6 +20,10 @@ checkpoints (their ``backbone.*`` part). The output holds ``params/backbone``
 and ``batch_stats/backbone``; weights the file lacks (e.g. EfficientFormerV2's
 ``attention_biases_seg``) stay at the model's fresh initialisation when a
 trainer merges it (``variables_io.merge_into``).
+
+VAN checkpoints in the VAN-Classification (ImageNet ``van_b0.pth`` ...) or mmseg
+``projects/van`` key layout are recognised by their keys and renamed to ours
+first (``conversion.van_names``: the ImageNet ``head.*`` is dropped).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from offseg_jax import models
-from offseg_jax.conversion import core, torch_pickle, variables_io
+from offseg_jax.conversion import core, torch_pickle, van_names, variables_io
 from offseg_jax.registry import MODELS
 
 # Classification-head keys of ImageNet backbone checkpoints (EfficientFormerV2's
@@ -208,6 +212,10 @@ def convert_checkpoint(src: str, out_dir: str, *, model_name: str,
   template = {c: v for c, v in template.items() if c in ("params", "batch_stats") or v}
 
   state = dict(ckpt.state_dict)
+  if van_names.is_van_state_dict(state):   # ImageNet / mmseg-projects VAN key layouts
+    state, changes = van_names.van_state_dict_to_ours(state)
+    for line in van_names.describe_changes(changes):
+      log(line)
   ignore = tuple(entry.torch_ignore)
   if backbone_only:
     template = {c: {"backbone": v["backbone"]} for c, v in template.items() if "backbone" in v}
