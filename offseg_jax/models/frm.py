@@ -281,7 +281,8 @@ class DNLTransformerBlock(nn.Module):
 
   ``y = x + DropPath(DNL(norm1(x)))``, ``z = y + DropPath(FFN(norm2(y)))``, where
   DNL is :class:`DisentangledNonLocal` without its own residual (whitened
-  pairwise term with temperature, plus the unary term, then conv_out + BN).
+  pairwise term with temperature, plus the unary term, then conv_out, with BN
+  when ``attn_out_norm='bn'``, zero-initialised so the branch starts at 0).
   """
   norm: str = "bn"
   ffn: str = "mix"
@@ -289,6 +290,7 @@ class DNLTransformerBlock(nn.Module):
   reduction: int = 2
   use_scale: bool = True
   temperature: float = 0.05
+  attn_out_norm: str | None = "bn"
   drop_path: float = 0.0
   dtype: Any = jnp.float32
 
@@ -296,7 +298,8 @@ class DNLTransformerBlock(nn.Module):
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
     attn = DisentangledNonLocal(reduction=self.reduction, use_scale=self.use_scale,
-                                temperature=self.temperature, norm="bn", residual=False,
+                                temperature=self.temperature, norm=self.attn_out_norm,
+                                residual=False,
                                 dtype=self.dtype, name="attn")
     h = attn(_norm(self.norm, "norm1", self.dtype)(x, train), train)
     x = x + layers.DropPath(self.drop_path)(h, train)
@@ -328,6 +331,7 @@ class FRM(nn.Module):
     ffn: ``'mix'`` (with a depthwise 3x3, as VAN's MLP) or ``'mlp'``.
     mlp_ratio: FFN expansion.
     reduction, use_scale, temperature: the DNL attention's (DNLHead defaults).
+    attn_out_norm: ``'bn'`` or None inside the DNL ``conv_out`` (DNLHead: BN).
     drop_path_rate: stochastic depth, rising linearly over the blocks to this.
     out_channels: width of the refined map (None: the input top level's width,
       so a neck configured for the backbone needs no change).
@@ -346,6 +350,7 @@ class FRM(nn.Module):
   reduction: int = 2
   use_scale: bool = True
   temperature: float = 0.05
+  attn_out_norm: str | None = "bn"
   drop_path_rate: float = 0.0
   out_channels: int | None = None
   proj_norm: str | None = "bn"
@@ -361,6 +366,10 @@ class FRM(nn.Module):
       raise ValueError(f"Unknown FRM pooling {self.pooling!r}; known: {POOLINGS}")
     top = feats[-1]
     size = top.shape[1:3]
+    out_channels = self.out_channels or top.shape[-1]
+    if self.shortcut and out_channels != top.shape[-1]:
+      raise ValueError(f"FRM shortcut=True needs out_channels == the top level's width "
+                       f"({top.shape[-1]}), got {out_channels}")
     parts = []
     for stride, f in zip(self.strides[:-1], feats[:-1]):
       if self.strides[-1] % stride:
@@ -376,9 +385,10 @@ class FRM(nn.Module):
     for i in range(self.depth):
       x = DNLTransformerBlock(norm=self.norm, ffn=self.ffn, mlp_ratio=self.mlp_ratio,
                               reduction=self.reduction, use_scale=self.use_scale,
-                              temperature=self.temperature, drop_path=float(rates[i]),
+                              temperature=self.temperature,
+                              attn_out_norm=self.attn_out_norm, drop_path=float(rates[i]),
                               dtype=self.dtype, name=f"blocks.{i}")(x, train)
-    out = layers.ConvModule(self.out_channels or top.shape[-1], 1, norm=self.proj_norm,
+    out = layers.ConvModule(out_channels, 1, norm=self.proj_norm,
                             act=None, dtype=self.dtype, name="proj")(x, train)
     if self.shortcut:
       out = out + top.astype(self.dtype)
@@ -386,7 +396,7 @@ class FRM(nn.Module):
 
 
 @NECKS.register("frm")
-def frm(**fields) -> FRM:
+def build_frm(**fields) -> FRM:
   """FRM neck (pool to 1/32, concat, DNL transformer block, project back)."""
   return FRM(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 

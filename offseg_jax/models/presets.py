@@ -53,3 +53,31 @@ def _register_family_specs():
 
 
 _register_family_specs()
+
+
+# FRM (arXiv 2412.08670): VAN -> FRM (stages 1-3 pooled to 1/32, concatenated
+# with stage 4, a DNL transformer block, projected back) -> FPN -> Semantic-FPN
+# head, with a pixel-embedding projection on the finest FPN level for the
+# contrastive loss. Widths are mmseg's Semantic FPN (neck 256, head 128); which
+# VAN the paper uses is not public (docs/frm.md).
+FRM_NECK = {"out_channels": 256, "num_outs": 4}
+FRM_HEAD = {"channels": 128}
+FRM_PROJECTION = {"embed_dim": 256}
+
+
+def _register_frm():
+  for size in ("b0", "b1", "b2"):
+    register_composition(
+        f"frm_van_{size}",
+        {"backbone": (f"van_{size}", {}),
+         "refiner": ("frm", {"pooling": "polyphase"}),
+         "neck": ("fpn", FRM_NECK),
+         "head": ("fpn_head", FRM_HEAD),
+         "projection": ("projection_head", FRM_PROJECTION),
+         "projection_source": ("neck", 0),
+         "classifier": "conv"},
+        doc=f"FRM on VAN-{size.upper()}: FRM refiner, FPN (256) and Semantic-FPN head (128).",
+        torch_ignore=(r".*\.num_batches_tracked$",))
+
+
+_register_frm()
