@@ -81,3 +81,30 @@ def _register_frm():
 
 
 _register_frm()
+
+
+# ECENet (ICCV 2023): a backbone -> the ECENet head (Feature Reconstruction,
+# Explicit Class Extraction, Semantics Attention & Updater from 1/16 down to
+# 1/4, Ghost upscaling) with mmseg's conv_seg; the head reads all four stages.
+# ``ecenet_swin_b`` is the public configuration (Swin-B window 12, head width
+# 256, 4 heads); the ResNet-50/101 (d32) and MiT-B0 variants follow the same
+# group's sibling configurations. ``ecenet_mit_b0`` is the efficient setting:
+# head width 128 on MiT-B0's 32/64/160/256 stages.
+_ECENET_IGNORE = (r".*\.num_batches_tracked$", r".*\.relative_position_index$")
+
+
+def _register_ecenet():
+  for name, backbone, head in (
+      ("ecenet_swin_b", "swin_b", {"channels": 256}),
+      ("ecenet_r50", "resnet50_v1c", {"channels": 256}),
+      ("ecenet_r101", "resnet101_v1c", {"channels": 256}),
+      ("ecenet_mit_b0", "mit_b0", {"channels": 128}),
+  ):
+    register_composition(
+        name,
+        {"backbone": (backbone, {}), "head": ("ecenet_head", head), "classifier": "conv"},
+        doc=f"ECENet on {backbone} (head width {head['channels']}).",
+        torch_ignore=_ECENET_IGNORE)
+
+
+_register_ecenet()
