@@ -67,7 +67,7 @@ def test_frm_presets_compose_refiner_neck_head_and_projection():
       v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}))(
           variables)
   assert logits.shape == (2, 16, 16, 9)
-  assert aux["embedding"].shape == (2, 16, 16, 256)
+  assert aux["embedding"].shape == (2, 16, 16, 64)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(aux["embedding"]), axis=-1), 1.0,
                              rtol=1e-5)
   _, aux_eval = jax.eval_shape(lambda v: model.apply(v, x), variables)
