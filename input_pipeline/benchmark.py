@@ -1,13 +1,21 @@
 """Throughput of the full training input pipeline (images/s).
 
   python -m input_pipeline.benchmark --config experiments/configs/X.py[:arg] \
-      [--workers 8] [--batches 20] [--batch_size 8] [--fake 32]
+      [--workers 8] [--batches 20] [--batch_size 8] [--fake 32] [--transfer both]
 
 Runs decode + RandomResize/RandomCrop/RandomFlip/PhotoMetricDistortion +
 normalise + pad + batch through grain with ``--workers`` threads, at the
 config's crop size, and prints images/s (wall clock) and CPU-ms per image (a
 figure that carries over between machines and is less sensitive to other jobs
 sharing the CPUs), plus a single-thread breakdown per stage.
+
+``--transfer=both`` (default) then times the loader *including the transfer*:
+each batch is placed on the local devices as the trainer does
+(``loader.to_global``) and turned into the train step's inputs there
+(``loader.device_batch``), until ready. ``float32`` is the path before
+issue 12 (normalised on the host, float32 image + int32 label sent);
+``uint8`` is the trainer's default (uint8 image + label + sizes sent,
+normalised on the device): 4x fewer bytes and no host normalisation.
 
 ``--fake N`` writes N generated photo-like examples per split in the layout of
 ``data.name`` (at that dataset's usual image size, or ``--fake_size W,H``) to a
@@ -97,6 +105,68 @@ def stage_times(source, train_transform, finalize, num_examples: int = 8, seed: 
   return tuple(1000.0 * totals / max(n, 1))
 
 
+def transfer_benchmark(data_config, transfer: str, split: str = "train", workers: int = 8,
+                       batches: int = 20, batch_size: int = 8, warmup: int = 2,
+                       prefetch: int | None = None, seed: int = 0, log=print) -> dict:
+  """Loader + host->device images/s for one transfer path ('float32' or 'uint8').
+
+  Times ``batches`` batches from the grain pipeline to normalised float32
+  images and int32 labels ready on the local devices (sharded over them as in
+  training).
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from input_pipeline import loader  # pylint: disable=g-import-not-at-top
+  if transfer not in loader.TRANSFER_DTYPES:
+    raise ValueError(f"transfer={transfer!r}; choose one of {loader.TRANSFER_DTYPES}")
+  devices = jax.local_devices()
+  if batch_size % len(devices):
+    raise ValueError(f"batch_size={batch_size} does not split over {len(devices)} devices")
+  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  source = datasets.build_source(data_config, split)
+  train_transform = transforms.build_train_transform(data_config)
+  if transfer == "uint8":
+    finalize = transforms.build_train_finalize_uint8(data_config)
+  else:
+    float_finalize = transforms.build_train_finalize(data_config)
+
+    def finalize(example):   # as the loader's float path: float32 image, int32 label
+      out = float_finalize(example)
+      return {"image": out["image"].astype(np.float32),
+              "label": np.asarray(out["label"]).astype(np.int32)}
+  dataset = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+             .random_map(train_transform, seed=seed).map(finalize)
+             .batch(batch_size, drop_remainder=True))
+  read_options = grain.ReadOptions(num_threads=workers,
+                                   prefetch_buffer_size=prefetch or max(workers, 1))
+  to_inputs = jax.jit(lambda b: loader.device_batch(b, tuple(data_config.mean),
+                                                     tuple(data_config.std)))
+  iterator = iter(dataset.to_iter_dataset(read_options))
+  sent = 0
+  try:
+    for _ in range(warmup):
+      jax.block_until_ready(to_inputs(loader.to_global(next(iterator), mesh)))
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+      batch = next(iterator)
+      sent += sum(v.nbytes for v in batch.values())
+      jax.block_until_ready(to_inputs(loader.to_global(batch, mesh)))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  finally:
+    close = getattr(iterator, "close", None)
+    if close:
+      close()
+  images = batches * batch_size
+  result = {"transfer": transfer, "images_per_s": images / wall,
+            "cpu_ms_per_image": 1000.0 * cpu / images, "bytes_per_image": sent / images,
+            "devices": len(devices), "platform": devices[0].platform}
+  log(f"  loader + transfer ({transfer}): {result['images_per_s']:.1f} images/s, "
+      f"{result['cpu_ms_per_image']:.1f} CPU-ms/image, {sent / images / 1024:.0f} KiB/image "
+      f"sent to {len(devices)} {devices[0].platform} device(s)")
+  return result
+
+
 def benchmark(data_config, split: str = "train", workers: int = 8, batches: int = 20,
               batch_size: int = 8, warmup: int = 2, prefetch: int | None = None,
               seed: int = 0, log=print) -> dict:
@@ -152,15 +222,25 @@ def main(argv):
   workers = f.workers if f.workers is not None else int(data_config.num_threads)
   options = dict(split=f.split, workers=workers, batches=f.batches, batch_size=f.batch_size,
                  warmup=f.warmup, prefetch=f.prefetch)
-  if not f.fake:
+  paths = {"none": (), "both": ("float32", "uint8")}.get(f.transfer, (f.transfer,))
+
+  def run():
     benchmark(data_config, **options)
+    results = {p: transfer_benchmark(data_config, p, **options) for p in paths}
+    if len(results) == 2:
+      before, after = results["float32"], results["uint8"]
+      print(f"  uint8 transfer vs float32: {after['images_per_s'] / before['images_per_s']:.2f}x "
+            f"images/s, {before['bytes_per_image'] / after['bytes_per_image']:.1f}x fewer bytes")
+
+  if not f.fake:
+    run()
     return
   size = tuple(int(v) for v in f.fake_size.split(",")) if f.fake_size else None
   with tempfile.TemporaryDirectory() as root:
     with data_config.unlocked():
       data_config.root = root
     write_fake_dataset(data_config, root, f.fake, size)
-    benchmark(data_config, **options)
+    run()
 
 
 if __name__ == "__main__":
@@ -174,4 +254,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("prefetch", None, "grain prefetch buffer (default = workers).")
   flags.DEFINE_integer("fake", 0, "Generate N fake examples per split and benchmark those.")
   flags.DEFINE_string("fake_size", "", "Fake image size 'W,H' (default: the dataset's usual).")
+  flags.DEFINE_enum("transfer", "both", ["both", "float32", "uint8", "none"],
+                    "Also time loader + host->device transfer for these paths.")
   app.run(main)

@@ -90,6 +90,28 @@ def _check_source_example(source, index: int):
   return [], np.bincount(label.ravel(), minlength=256)
 
 
+def listing_problems(listing: datasets.FolderListing) -> list[image_io.BadFileError]:
+  """The pairing problems of a folder split's listing, one error per file."""
+  problems = [image_io.BadFileError(i, f"no label file {l}", image_io.MISSING)
+              for i, l in listing.unpaired_images]
+  problems += [image_io.BadFileError(p, f"image of split-file entry {s!r} does not "
+                                     "exist", image_io.MISSING)
+               for s, p in listing.missing_images]
+  problems += [image_io.BadFileError(l, "label file without an image", ORPHAN_LABEL)
+               for l in listing.orphan_labels]
+  return problems
+
+
+def pairing_problems(data_config, split: str) -> list[image_io.BadFileError]:
+  """Unpaired files of ``split`` (folder datasets; others have none), found from
+  the file listing alone, without decoding anything: quick enough to run
+  before training starts."""
+  if data_config.name not in datasets.FOLDER_LAYOUTS:
+    return []
+  listing, _ = datasets.folder_listing(data_config, split)
+  return listing_problems(listing)
+
+
 def check_split(data_config, split: str, num_threads: int = 4,
                 max_examples: int = -1) -> SplitReport:
   """Checks every example of ``split`` (or the first ``max_examples``)."""
@@ -97,13 +119,7 @@ def check_split(data_config, split: str, num_threads: int = 4,
   report = SplitReport(split)
   if data_config.name in datasets.FOLDER_LAYOUTS:
     listing, _ = datasets.folder_listing(data_config, split)
-    report.problems += [image_io.BadFileError(i, f"no label file {l}", image_io.MISSING)
-                        for i, l in listing.unpaired_images]
-    report.problems += [image_io.BadFileError(p, f"image of split-file entry {s!r} does not "
-                                              "exist", image_io.MISSING)
-                        for s, p in listing.missing_images]
-    report.problems += [image_io.BadFileError(l, "label file without an image", ORPHAN_LABEL)
-                        for l in listing.orphan_labels]
+    report.problems += listing_problems(listing)
     pairs = listing.pairs if max_examples < 0 else listing.pairs[:max_examples]
     tasks = [(_check_folder_pair, (i, l, info.num_classes, info.reduce_zero_label))
              for _, i, l in pairs]

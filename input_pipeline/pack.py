@@ -3,9 +3,10 @@
   python -m input_pipeline.pack --config experiments/configs/X.py[:arg] \
       --split train,val --output DIR [--name offseg_ade20k] [--threads 4]
 
-The result, ``DIR/<name>/1.0.0/``, loads with ``--config.data.name=tfds
---config.data.root=DIR/<name>/1.0.0`` (or ``tfds.data_source(name,
-data_dir=DIR)``), without TensorFlow. Features: ``image`` (the original
+The result, ``DIR/<name>/1.0.0/``, loads with the same ``--config`` plus
+``--config.data.name=tfds --config.data.root=DIR/<name>/1.0.0`` (the config
+keeps its recipe; the split names become the packed ones), or with
+``tfds.data_source(name, data_dir=DIR)``, without TensorFlow. Features: ``image`` (the original
 encoded JPEG/PNG bytes), ``label`` (the original label PNG), ``name`` (text).
 Folder datasets are copied byte for byte, with ``reduce_zero_label`` recorded
 in the dataset metadata next to the class names and palette; sources without
@@ -23,6 +24,7 @@ import concurrent.futures
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 from absl import app
@@ -181,8 +183,8 @@ def pack(data_config, splits, output_dir: str, name: str | None = None,
     listing_skips = getattr(sources[split], "bad_files", None)
     if listing_skips is not None and len(listing_skips):   # e.g. images without labels
       log(listing_skips.summary())
-  log(f"packed {info.name} to {target}\nload it with: --config.data.name=tfds "
-      f"--config.data.root={target}")
+  log(f"packed {info.name} to {target}\nload it with the same --config and: "
+      f"--config.data.name=tfds --config.data.root={target}")
   return target
 
 
@@ -191,8 +193,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   data_config = datasets.data_config_of(f.config)
-  pack(data_config, [s for s in f.split.split(",") if s], f.output, name=f.name,
-       num_threads=f.threads, overwrite=f.overwrite)
+  try:
+    pack(data_config, [s for s in f.split.split(",") if s], f.output, name=f.name,
+         num_threads=f.threads, overwrite=f.overwrite)
+  except (OSError, ValueError) as e:   # wrong root/layout, bad file, config misfit
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

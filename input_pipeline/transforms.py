@@ -15,6 +15,9 @@ Then, per example as well (``build_train_finalize``): ``normalize`` and
 and 255 for labels), exactly the official data preprocessor's order. Padding a
 uint8 image with 0 before normalising would instead give pixels of value
 -mean/std, which is why padding happens last, on the float image.
+The trainer's default transfer path (``build_train_finalize_uint8``) pads the
+uint8 image, sends it with its unpadded size, and normalises on the device,
+where the padded pixels are set to 0: the same batch (to 1 ulp), 4x fewer bytes.
 
 Randomness: every draw comes from the ``np.random.Generator`` passed in (the
 loader derives it from (seed, epoch, index)), in a fixed order, once per
@@ -288,6 +291,34 @@ def build_train_finalize(data_config):
     image, label = pad_to_crop(normalize(example["image"], mean, std), example["label"],
                                crop_size)
     return {"image": image, "label": label}
+
+  return finalize
+
+
+def build_train_finalize_uint8(data_config):
+  """``fn(example) -> {'image': uint8, 'label': uint8, 'valid_hw': int32 (2,)}``.
+
+  The uint8 transfer path: pads image (with 0) and label (with 255) to the crop
+  but leaves normalisation to the device (``loader.normalize_on_device``),
+  which also resets the padded pixels, outside ``valid_hw`` = the example's
+  size before padding, to 0 in normalised space. The device then sees exactly
+  the batch ``build_train_finalize`` makes, from a quarter of the bytes.
+  """
+  crop_size = tuple(int(v) for v in _pair(data_config.crop_size, "crop_size"))
+
+  def finalize(example):
+    image = np.asarray(example["image"])
+    if image.dtype != np.uint8:
+      raise ValueError(f"the uint8 transfer path needs uint8 images, got {image.dtype}")
+    label = np.asarray(example["label"])
+    if label.dtype != np.uint8:
+      if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"labels outside 0..255 cannot travel as uint8 "
+                         f"(range {label.min()}..{label.max()})")
+      label = label.astype(np.uint8)
+    valid_hw = np.asarray(label.shape[:2], np.int32)
+    image, label = pad_to_crop(image, label, crop_size, image_pad_value=0)
+    return {"image": image, "label": label, "valid_hw": valid_hw}
 
   return finalize
 

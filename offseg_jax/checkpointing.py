@@ -9,7 +9,12 @@ Workdir layout::
 
 Retention keeps the latest ``keep`` checkpoints *and* the best by validation
 mIoU (orbax's ``max_to_keep`` with ``best_fn`` alone would delete the latest one,
-making resumption impossible).
+making resumption impossible). A step is saved before it is evaluated; its
+metrics are attached afterwards (:func:`record_metrics`).
+
+Every training checkpoint carries its experiment config (``meta['config']``):
+evaluation rebuilds the model from it (:func:`config_from_meta`) and refuses a
+config that would build another model (:func:`check_config_matches`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,29 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter, meta: dict
   return manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
 
 
+def record_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> None:
+  """Attaches validation metrics to the already saved checkpoint of ``step``.
+
+  The trainer saves a step's checkpoint *before* evaluating it, so that an
+  evaluation that fails (e.g. on a bad validation file) costs no training; the
+  metrics follow here, in the file orbax reads them from
+  (``<step>/metrics/metrics``), and the manager reloads them so that keeping
+  the best checkpoint by mIoU works as if they had been saved together. Call
+  it on every process.
+  """
+  manager.wait_until_finished()
+  if jax.process_index() == 0:
+    item = Path(manager.directory) / str(int(step)) / "metrics"
+    item.mkdir(exist_ok=True)
+    tmp = item / "metrics.tmp"
+    tmp.write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
+    os.replace(tmp, item / "metrics")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"record_metrics_{int(step)}")
+  manager.reload()
+
+
 def restore(manager: ocp.CheckpointManager, step: int, state_target, data_iter):
   """Restores the full train state (into ``state_target``'s shardings) and the
   data iterator in place. Returns the state."""
@@ -90,14 +118,95 @@ def resolve_step_dir(path: str, which: str = "latest") -> Path:
       "directory (with 'variables' and 'meta.json')")
 
 
-def read_meta(path: str) -> dict:
+def read_meta(path: str, which: str = "latest") -> dict:
   """The ``meta`` JSON of a training checkpoint (model, num_classes, config)."""
-  step_dir = resolve_step_dir(path)
+  step_dir = resolve_step_dir(path, which)
   meta_dir = step_dir / "meta"
-  for candidate in (meta_dir / "meta", meta_dir):
+  # orbax's JsonSave writes the item's file as 'metadata' (older versions: 'meta').
+  for candidate in (meta_dir / "metadata", meta_dir / "meta", meta_dir):
     if candidate.is_file():
       return json.loads(candidate.read_text())
   return {}
+
+
+def checkpoint_meta(path: str, which: str = "latest") -> dict:
+  """The meta of any checkpoint this project writes: a training step's ``meta``
+  (with the full experiment config under ``'config'``) or a converted
+  checkpoint's ``meta.json`` (model name and number of classes)."""
+  from offseg_jax.conversion import variables_io  # pylint: disable=g-import-not-at-top
+  if variables_io.is_converted_checkpoint(path):
+    return variables_io.load_meta(path)
+  return read_meta(path, which)
+
+
+def _frozen(value):
+  """JSON/ConfigDict values -> hashable Python (lists -> tuples, dicts -> dicts)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_frozen(v) for v in value)
+  if hasattr(value, "items"):
+    return {k: _frozen(v) for k, v in value.items()}
+  return value
+
+
+def config_from_meta(meta: dict):
+  """The experiment config a training checkpoint carries, or None.
+
+  JSON lists come back as tuples (module fields must be hashable), so the
+  config builds the same model it trained.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = meta.get("config") if meta else None
+  if not isinstance(config, dict):
+    return None
+  return ml_collections.ConfigDict(_frozen(config))
+
+
+class ConfigMismatchError(ValueError):
+  """A config that would build another model than the checkpoint holds."""
+
+
+# Model fields that change how a model computes, not which model it is.
+_COMPUTE_ONLY_FIELDS = ("dtype", "remat")
+
+
+def config_mismatches(meta: dict, config) -> list[str]:
+  """How ``config`` disagrees with a checkpoint's meta on what was trained.
+
+  Compared: every ``config.model`` field but the compute settings (name,
+  parts and their ``*_args``, classifier, sizes), the number of classes and
+  the dataset. Evaluation settings (``eval.*``), data paths and the like may
+  differ. Fields absent on either side (older checkpoints) are not compared.
+  Returns one ``'field: checkpoint X, --config Y'`` entry per difference.
+  """
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+  out = []
+  mine = {k: _frozen(v) for k, v in dict(config.model).items()}
+  saved = meta.get("config", {}).get("model") if isinstance(meta.get("config"), dict) else None
+  if saved is None:
+    saved = {"name": meta["model"]} if "model" in meta else {}
+  for key in sorted(set(mine) & set(saved)):
+    if key in _COMPUTE_ONLY_FIELDS:
+      continue
+    theirs = _frozen(saved[key])
+    if theirs != mine[key]:
+      out.append(f"model.{key}: checkpoint {theirs!r}, --config {mine[key]!r}")
+  info = datasets.dataset_info(config.data)
+  if "num_classes" in meta and int(meta["num_classes"]) != info.num_classes:
+    out.append(f"number of classes: checkpoint {meta['num_classes']}, --config {info.num_classes}")
+  if "dataset" in meta and meta["dataset"] != info.name:
+    out.append(f"data.name: checkpoint {meta['dataset']!r}, --config {info.name!r}")
+  return out
+
+
+def check_config_matches(meta: dict, config, where: str = "the checkpoint") -> None:
+  """Raises a one-line :class:`ConfigMismatchError` naming every field where
+  ``config`` disagrees with the checkpoint (see :func:`config_mismatches`)."""
+  problems = config_mismatches(meta, config)
+  if problems:
+    raise ConfigMismatchError(
+        f"--config does not match {where} (" + "; ".join(problems) + "): it would score "
+        "another model. Drop --config to use the checkpoint's own config, or fix these "
+        "fields (evaluation settings such as eval.mode may differ)")
 
 
 def _restore_args(template):

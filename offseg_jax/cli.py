@@ -34,7 +34,12 @@ def _one_line(argv: Sequence[str], error: BaseException) -> str:
 def parse_flags(argv: Sequence[str]) -> Sequence[str]:
   """absl's parser, with config and flag errors as one line and exit status 2."""
   try:
-    return flags.FLAGS(list(argv))
+    remaining = flags.FLAGS(list(argv))
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config is not None and "data" in config:   # refuse a data.name the config misfits
+      from input_pipeline import dataset_config  # pylint: disable=g-import-not-at-top
+      dataset_config.check_choice(config.data)
+    return remaining
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
   except (AttributeError, KeyError, TypeError, ValueError) as e:

@@ -11,6 +11,8 @@ those are absent, from the cluster environment (Cloud TPU, SLURM) if detected.
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -28,8 +30,14 @@ def main(argv):
   # Our own progress lines go to stdout; keep library INFO chatter (orbax) out.
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
+  from input_pipeline import image_io  # pylint: disable=g-import-not-at-top
   from offseg_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except image_io.BadFileError as e:
+    # A bad data file ends the run with one line naming it (no traceback); the
+    # step's checkpoint is saved before evaluating, so a rerun resumes there.
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-r"""Segment images with a checkpoint (mmseg's ``demo/image_demo.py``, jitted).
+r"""Segment images with a checkpoint (mmseg's ``demo/image_demo.py``, batched and jitted).
 
-  python -m offseg_jax.predict --config=experiments/configs/default.py \
-      --checkpoint=/tmp/offseg_default --input=IMAGE_OR_DIR --output=OUT \
-      [--opacity=0.5] [--tta] [--mode=slide]
+  python -m offseg_jax.predict --checkpoint=/tmp/offseg_default \
+      --input=IMAGE_OR_DIR --output=OUT [--opacity=0.5] [--tta] [--mode=slide] \
+      [--config=experiments/configs/default.py]
+
+A training checkpoint carries its config (``--config`` is optional and must
+agree with it on the model and dataset); converted checkpoints need
+``--config``. Images of any size work with every model: each is padded to the
+model's size divisor and the prediction cropped back.
 
 For every image (a file, or every image under a folder, recursively) it writes,
 keeping the input's relative path and stem:
@@ -15,24 +20,28 @@ keeping the input's relative path and stem:
   expect); ``evaluate --predictions=OUT/raw`` scores them.
 
 The image goes through the config's test pipeline (resize, normalisation,
-whole/slide inference, optional TTA); the prediction has the image's original
-size.
+whole/slide inference, optional TTA) in the evaluator's batched steps (images
+of similar size share a bucket and a compiled step; every device of every
+process takes a share); the prediction has the image's original size.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import cv2
+import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
-from input_pipeline import transforms
-from offseg_jax.evaluation import inference, report, runner
+from offseg_jax import checkpointing, cli, distributed
+from offseg_jax.evaluation import evaluator as evaluator_lib
+from offseg_jax.evaluation import report
 
 FLAGS = flags.FLAGS
 
@@ -52,13 +61,51 @@ def list_images(path: str | Path) -> list[tuple[Path, Path]]:
   return [(p, p.relative_to(path)) for p in files]
 
 
+class UnreadableImageError(ValueError):
+  """An input file that is not a readable image (the message names it)."""
+
+
 def read_image(path: str | Path):
   """An image file as HxWx3 uint8 RGB; unreadable files raise naming the file."""
   data = np.fromfile(str(path), np.uint8) if Path(path).is_file() else None
   image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
   if image is None:
-    raise ValueError(f"cannot read image file {path}: not an image, or corrupt")
+    raise UnreadableImageError(f"cannot read image file {path}: not an image, or corrupt")
   return np.ascontiguousarray(image[:, :, ::-1])
+
+
+# EXIF orientations that swap width and height (cv2 applies them when decoding).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+class ImageFiles:
+  """Image files as an evaluator source: ``load(i)`` decodes file ``i`` (no
+  label), ``example_size(i)`` reads its size from the header."""
+
+  def __init__(self, files: Sequence[tuple[Path, Path]]):
+    self.files = list(files)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def example_size(self, index: int) -> tuple[int, int]:
+    """(H, W) of the decoded image, from the header (EXIF rotation included)."""
+    path = self.files[index][0]
+    try:
+      with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError) as e:
+      raise UnreadableImageError(f"cannot read image file {path}: not an image, or "
+                                 f"corrupt ({e})") from e
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+      width, height = height, width
+    return int(height), int(width)
+
+  def load(self, index: int) -> dict:
+    path, rel = self.files[index]
+    return {"image": read_image(path), "label": None, "name": rel.stem, "path": path,
+            "rel": rel}
 
 
 def raw_labels(pred, reduce_zero_label: bool):
@@ -88,38 +135,34 @@ def write_outputs(out_dir: Path, rel: Path, image, pred, palette, reduce_zero_la
 def run(config, checkpoint: str, inputs: str | Path, output: str | Path, *,
         opacity: float = 0.5, mode: str | None = None, tta: bool | None = None,
         which: str = "latest", progress: bool = True) -> list[dict[str, Path]]:
-  """Predicts every image of ``inputs``; returns the written paths per image."""
+  """Predicts every image of ``inputs`` (this process's share); returns the
+  written paths per image, in input order. ``config`` may be None for a
+  training checkpoint (its own config is used)."""
   if not 0.0 <= opacity <= 1.0:
     raise ValueError(f"--opacity must be in [0, 1], got {opacity}")
   files = list_images(inputs)
-  model, variables, info = runner.load_model(config, checkpoint, which=which)
-  settings = inference.InferenceSettings.from_config(config.eval, mode=mode, tta=tta)
-  segmenter = inference.Segmenter(model, variables, settings, mean=config.data.mean,
-                                  std=config.data.std, seed=int(config.get("seed", 0)))
-  transform = transforms.build_eval_transform(config.data)
+  config, model, variables, info = evaluator_lib.load_for_eval(checkpoint, config, which=which)
+  evaluator = evaluator_lib.Evaluator(model, config, mode=mode, tta=tta)
   out_dir = Path(output)
-  written = []
-  bar = tqdm(files, unit="img", disable=not progress or len(files) == 1)
-  for path, rel in bar:
-    image = read_image(path)
-    if settings.tta:
-      pred = segmenter.predict(image)
-    else:
-      # The test transform resizes the image; a placeholder label keeps the
-      # example complete (its original size is the output size).
-      example = transform({"image": image, "name": rel.stem,
-                           "label": np.zeros(image.shape[:2], np.uint8)})
-      pred = segmenter.predict(np.asarray(example["image"]), image.shape[:2])
-    written.append(write_outputs(out_dir, rel, image, pred, info.palette,
-                                 info.reduce_zero_label, opacity))
-  return written
+  written: dict[int, dict[str, Path]] = {}
+  bar = tqdm(total=len(files), unit="img",
+             disable=not progress or len(files) == 1 or jax.process_index() != 0)
+
+  def save(index, example, pred):
+    written[index] = write_outputs(out_dir, example["rel"], example["image"], pred,
+                                   info.palette, info.reduce_zero_label, opacity)
+    bar.update(1)
+
+  evaluator.predict(variables, ImageFiles(files), save)
+  bar.close()
+  return [written[i] for i in sorted(written)]
 
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so the tools
   can be imported together (they share flag names)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg] (default: "
+                                  "the training checkpoint's own).", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "Workdir, step directory or converted checkpoint.")
   flags.DEFINE_string("input", None, "An image file or a folder of images.")
   flags.DEFINE_string("output", None, "Output folder.")
@@ -127,18 +170,23 @@ def define_flags():
   flags.DEFINE_enum("mode", None, ["whole", "slide"], "Override config.eval.mode.")
   flags.DEFINE_bool("tta", None, "Multi-scale + flip test-time augmentation.")
   flags.DEFINE_enum("which", "latest", ["latest", "best"], "Step of a training workdir.")
+  distributed.define_flags()
 
 
 def main(argv: Sequence[str]):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  written = run(FLAGS.config, FLAGS.checkpoint, FLAGS.input, FLAGS.output,
-                opacity=FLAGS.opacity, mode=FLAGS.mode, tta=FLAGS.tta, which=FLAGS.which)
+  distributed.initialize_from_flags()
+  try:
+    written = run(FLAGS.config, FLAGS.checkpoint, FLAGS.input, FLAGS.output,
+                  opacity=FLAGS.opacity, mode=FLAGS.mode, tta=FLAGS.tta, which=FLAGS.which)
+  except (checkpointing.ConfigMismatchError, UnreadableImageError, FileNotFoundError) as e:
+    sys.exit(f"predict: {e}")               # a user error with a one-line explanation
   print(f"wrote {len(written)} predictions to {FLAGS.output} (palette/, overlay/, raw/)")
 
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["config", "checkpoint", "input", "output"])
-  app.run(main)
+  flags.mark_flags_as_required(["checkpoint", "input", "output"])
+  cli.run(main)

@@ -8,8 +8,12 @@
   4. resume from ``WORKDIR/checkpoints`` if present (params, optimizer, step, RNG
      and the data iterator), else optionally initialise from a converted
      checkpoint (``config.init_from``);
-  5. jitted train step with the state donated; periodic evaluation with a jitted
-     integer confusion matrix; TensorBoard events + readable log lines;
+  5. jitted train step with the state donated (uint8 images normalised on
+     device, optional gradient accumulation, float32 state whatever the compute
+     dtype; see ``make_train_step``); pairing problems of every split found
+     before the first step; periodic evaluation by the batched, sharded
+     evaluator (``offseg_jax.evaluation.evaluator``), each step's checkpoint
+     saved before it is evaluated; TensorBoard events + readable log lines;
      checkpoints keeping the last N and the best by mIoU;
   6. final evaluation written to ``WORKDIR/metrics.json``.
 """
@@ -31,10 +35,13 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from input_pipeline import datasets, loader
+from input_pipeline import check as data_check
+from input_pipeline import datasets, image_io, loader
 from offseg_jax import checkpointing, losses, optim
+from offseg_jax.evaluation import evaluator as evaluator_lib
 from offseg_jax.evaluation import metrics as metrics_lib
-from offseg_jax.models import build_model, layers
+from offseg_jax.models.construction import create_model, init_variables
+from offseg_jax.tools import complexity
 
 # Train state: a plain dict pytree (big_vision style), saved whole by orbax.
 State = dict[str, Any]
@@ -90,83 +97,176 @@ def state_shardings(abstract_state, mesh, rules):
 # Model, state and steps.
 # ----------------------------------------------------------------------------
 
-def create_model(config, num_classes: int):
-  """The registered model of ``config.model`` (dtype given as a string)."""
-  model_cfg = dict(config.model)
-  if "dtype" in model_cfg:
-    model_cfg["dtype"] = jnp.dtype(model_cfg["dtype"])
-  return build_model(model_cfg, num_classes)
+# create_model and init_variables live in offseg_jax.models.construction (the
+# evaluator and the tools build models without importing the trainer).
 
 
-def init_variables(model, config, rng):
-  """Model variables from a dummy crop-sized batch of one."""
-  h, w = config.data.crop_size
-  dummy = jnp.zeros((1, int(h), int(w), 3), jnp.float32)
-  p_rng, d_rng, h_rng = jax.random.split(rng, 3)
-  variables = model.init({"params": p_rng, "dropout": d_rng, "ham": h_rng}, dummy, train=False)
-  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+def make_train_step(model, tx, loss_fn, schedule, *, grad_accum_steps: int = 1,
+                    mean=None, std=None):
+  """``step(state, batch) -> (state, metrics)``; jit it with the state donated.
 
+  ``batch`` is a loader batch: ``'image'`` uint8 with ``'valid_hw'`` (normalised
+  on device with ``mean``/``std``, see ``loader.normalize_on_device``) or float32
+  already normalised, and ``'label'`` (uint8 or int32, 255 = ignore).
 
-def make_train_step(model, tx, loss_fn, schedule):
-  """``step(state, batch) -> (state, metrics)``; jit it with the state donated."""
+  Precision: parameters, gradients, optimizer state, losses and metrics are
+  float32 whatever the model's compute dtype (``model.dtype``): modules keep
+  float32 parameters and cast them to the compute dtype when used, so the
+  gradients come back in float32.
 
-  def train_step(state: State, batch):
-    rng = jax.random.fold_in(state["rng"], state["step"])
+  Gradient accumulation (``grad_accum_steps = k > 1``): the batch is split into
+  k micro-batches (example i goes to micro-batch i mod k, so each device keeps
+  its own examples) that run one after the other under ``lax.scan``, so only
+  one micro-batch's activations are alive at a time; gradients are summed in
+  float32 and divided by k, losses and metrics averaged, then one optimizer
+  update is made. For models without batch statistics and losses that are
+  means over equally sized micro-batches (cross-entropy with
+  ``avg_non_ignore=False``), this equals one step on the whole batch to float
+  rounding. Models with BatchNorm normalise each micro-batch with its own
+  statistics (B/k examples, as B/k per-GPU batches would without SyncBN) and
+  update their running averages k times per step; losses normalised by the
+  number of labelled pixels (``avg_non_ignore=True``) weight micro-batches
+  equally rather than by their labelled pixels. Dropout/drop-path masks are
+  drawn per micro-batch.
+  """
+  k = int(grad_accum_steps)
+  if k < 1:
+    raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+
+  def loss_and_grads(params, batch_stats, images, labels, step, rng):
     dropout_rng, ham_rng = jax.random.split(rng)
 
     def compute_loss(params):
       (logits, aux), new_vars = model.apply(
-          {"params": params, "batch_stats": state["batch_stats"]}, batch["image"],
+          {"params": params, "batch_stats": batch_stats}, images,
           train=True, rngs={"dropout": dropout_rng, "ham": ham_rng},
           mutable=["batch_stats"])
-      loss, terms = loss_fn(logits, aux, batch["label"], step=state["step"])
-      return loss, (terms, new_vars.get("batch_stats", state["batch_stats"]))
+      loss, terms = loss_fn(logits, aux, labels, step=step)
+      return loss, (terms, new_vars.get("batch_stats", batch_stats))
 
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(
-        compute_loss, has_aux=True)(state["params"])
+    (loss, (terms, new_stats)), grads = jax.value_and_grad(
+        compute_loss, has_aux=True)(params)
+    return loss, terms, new_stats, grads
+
+  def accumulate(state, images, labels, rng):
+    n = images.shape[0]
+    if n % k:
+      raise ValueError(f"a batch of {n} examples does not split into "
+                       f"grad_accum_steps={k} micro-batches")
+
+    def split(x):                       # (n, ...) -> (k, n / k, ...), example i -> i mod k
+      return x.reshape((n // k, k) + x.shape[1:]).swapaxes(0, 1)
+
+    def body(carry, xs):
+      grad_sum, batch_stats = carry
+      index, micro_images, micro_labels = xs
+      loss, terms, batch_stats, grads = loss_and_grads(
+          state["params"], batch_stats, micro_images, micro_labels, state["step"],
+          jax.random.fold_in(rng, index))
+      grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+      return (grad_sum, batch_stats), (loss, terms)
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+    (grad_sum, batch_stats), (losses_k, terms_k) = jax.lax.scan(
+        body, (zeros, state["batch_stats"]), (jnp.arange(k), split(images), split(labels)))
+    grads = jax.tree_util.tree_map(lambda g, p: (g / k).astype(p.dtype), grad_sum, state["params"])
+    terms = jax.tree_util.tree_map(lambda v: jnp.mean(v, axis=0), terms_k)
+    return jnp.mean(losses_k), terms, batch_stats, grads
+
+  def train_step(state: State, batch):
+    images, labels = loader.device_batch(batch, mean, std)
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    if k == 1:
+      loss, terms, batch_stats, grads = loss_and_grads(
+          state["params"], state["batch_stats"], images, labels, state["step"], rng)
+    else:
+      loss, terms, batch_stats, grads = accumulate(state, images, labels, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
                      step=state["step"] + 1)
     out = {"loss": loss, "lr": schedule(state["step"]), "grad_norm": optax.global_norm(grads)}
-    out.update({f"loss_{k}": v for k, v in terms.items()})
+    out.update({f"loss_{name}": v for name, v in terms.items()})
     return new_state, out
 
   return train_step
 
 
-def make_eval_step(model, num_classes: int, ignore_index: int):
-  """``step(variables, batch, rng) -> int32 confusion matrix`` of the batch."""
-
-  def eval_step(variables, batch, rng):
-    logits, _ = model.apply(variables, batch["image"], train=False, rngs={"ham": rng})
-    logits = layers.resize_bilinear(logits.astype(jnp.float32), batch["label"].shape[1:3])
-    pred = jnp.argmax(logits, axis=-1)
-    return metrics_lib.confusion_matrix(pred, batch["label"], num_classes, ignore_index,
-                                        valid=batch["mask"][:, None, None])
-
-  return eval_step
+def config_train_step(config, model, tx, loss_fn, schedule):
+  """:func:`make_train_step` with the config's accumulation and data statistics."""
+  return make_train_step(model, tx, loss_fn, schedule,
+                         grad_accum_steps=int(config.get("grad_accum_steps", 1)),
+                         mean=tuple(config.data.mean), std=tuple(config.data.std))
 
 
-def evaluate(config, model, eval_step, variables, mesh, info, rng) -> tuple[dict, np.ndarray]:
-  """Scores the validation split; every image exactly once on every process count."""
-  if _fixed_size_dataset(config):
-    confusion = np.zeros((info.num_classes, info.num_classes), np.int64)
-    for i, batch in enumerate(loader.EvalBatches(config, "val")):
-      gbatch = loader.to_global(batch, mesh)
-      confusion += np.asarray(eval_step(variables, gbatch, jax.random.fold_in(rng, i)),
-                              np.int64)
-  else:
-    # Variable-size real datasets: the full inference runner (whole/slide/TTA).
-    from offseg_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
-    return runner.evaluate_model(model, variables, config, progress=False)
-  summary = metrics_lib.summarize(confusion, info.class_names, tuple(config.eval.metrics),
-                                  nan_to_num=config.eval.get("nan_to_num"))
-  return summary, confusion
+def make_init_state(model, config, tx, state_rng):
+  """``init_state(init_rng) -> State``: fresh variables and optimizer state.
+
+  Everything in the state is float32 (or int32 counters) whatever the model's
+  compute dtype. Jit it with ``out_shardings`` to initialise directly into the
+  parameter placement, or ``jax.eval_shape`` it for the abstract state.
+  """
+
+  def init_state(init_rng):
+    variables = init_variables(model, config, init_rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+            "batch_stats": variables["batch_stats"],
+            "opt_state": tx.init(variables["params"]), "rng": state_rng}
+
+  return init_state
 
 
-def _fixed_size_dataset(config) -> bool:
-  return config.data.name == "synthetic" and config.eval.mode == "whole"
+def check_batch_split(config, mesh) -> None:
+  """The global batch must split over the 'data' devices and the micro-batches."""
+  devices = mesh.shape["data"]
+  k = int(config.get("grad_accum_steps", 1))
+  if k < 1:
+    raise ValueError(f"config.grad_accum_steps must be >= 1, got {k}")
+  if config.batch_size % devices:
+    raise ValueError(f"global batch_size={config.batch_size} is not divisible by the "
+                     f"{devices} devices of the 'data' mesh axis")
+  if config.batch_size % (devices * k):
+    raise ValueError(f"global batch_size={config.batch_size} does not split into "
+                     f"grad_accum_steps={k} micro-batches of a multiple of the {devices} "
+                     f"'data' devices")
+
+
+def check_data(config, splits=("train", "val")) -> None:
+  """Finds the pairing problems of every split before the first step.
+
+  An image without its label (or a split-file entry without its image) in any
+  split ends the run here, with the check tool's one-line message, instead of
+  at the first evaluation after hours of training; with
+  ``data.skip_bad_files=True`` the files are left out and counted in the log.
+  Labels without images are only reported (nothing would read them). Files
+  that are present but unreadable are found when read (training skips or
+  stops on them; see :class:`offseg_jax.evaluation.evaluator.Evaluator` for
+  evaluation).
+  """
+  skip = bool(config.data.get("skip_bad_files", False))
+  for split in splits:
+    problems = data_check.pairing_problems(config.data, split)
+    blocking = [p for p in problems if p.kind != data_check.ORPHAN_LABEL]
+    orphans = len(problems) - len(blocking)
+    if orphans:
+      _log(f"{split}: {orphans} label file(s) without an image, e.g. "
+           f"{[p for p in problems if p.kind == data_check.ORPHAN_LABEL][0]}")
+    if blocking and not skip:
+      more = f" (and {len(blocking) - 1} more in {split!r})" if len(blocking) > 1 else ""
+      raise image_io.BadFileError(
+          blocking[0].path, f"{blocking[0].problem}{more}; list them with python -m "
+          "input_pipeline.check, or set data.skip_bad_files=True to skip them",
+          blocking[0].kind)
+    if blocking:
+      _log(f"{split}: skipping {len(blocking)} unpaired file(s) (data.skip_bad_files=True), "
+           f"e.g. {blocking[0]}")
+
+
+def evaluate(evaluator: evaluator_lib.Evaluator, state: State) -> evaluator_lib.EvalResult:
+  """Scores the validation split with the state's variables (every image
+  exactly once, on every device of every process)."""
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  return evaluator.evaluate(variables, "val")
 
 
 # ----------------------------------------------------------------------------
@@ -221,31 +321,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = make_mesh(config)
   info = datasets.dataset_info(config.data)
   num_classes = info.num_classes
-  if config.batch_size % mesh.shape["data"]:
-    raise ValueError(f"global batch_size={config.batch_size} is not divisible by the "
-                     f"{mesh.shape['data']} devices of the 'data' mesh axis")
+  check_batch_split(config, mesh)
   _log(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: "
        f"{jax.process_count()}, mesh: {dict(mesh.shape)}; dataset {info.name} "
        f"({num_classes} classes); model {config.model.name}")
+  check_data(config)                # unpaired files of any split: now, not after training
 
   # --- Model, optimizer, abstract state and its shardings. -------------------
   model = create_model(config, num_classes)
   rng = jax.random.PRNGKey(config.seed)
-  init_rng, state_rng, eval_rng = jax.random.split(rng, 3)
+  init_rng, state_rng, _ = jax.random.split(rng, 3)   # (evaluation seeds from config.seed)
   abstract_vars = jax.eval_shape(functools.partial(init_variables, model, config), init_rng)
   tx, schedule = optim.build_optimizer(config, abstract_vars["params"])
   loss_fn = losses.build_loss({k: dict(v) for k, v in config.losses.items()})
 
-  def init_state(init_rng):
-    variables = init_variables(model, config, init_rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-            "batch_stats": variables["batch_stats"],
-            "opt_state": tx.init(variables["params"]), "rng": state_rng}
-
+  init_state = make_init_state(model, config, tx, state_rng)
   abstract_state = jax.eval_shape(init_state, init_rng)
   shardings = state_shardings(abstract_state, mesh, config.sharding_rules)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_vars["params"]))
   _log(f"parameters: {num_params / 1e6:.3f} M")
+  if jax.process_index() == 0:      # the per-parameter table goes to a file, not the log
+    table_path = os.path.join(workdir, "parameters.txt")
+    with open(table_path, "w") as f:
+      f.write(complexity.parameter_table(abstract_vars["params"]) + "\n")
+    _log(f"parameter table: {table_path}")
 
   # --- Checkpoints: resume, or initialise (optionally from converted weights). -
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
@@ -264,12 +363,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   meta = {"model": config.model.name, "num_classes": num_classes,
           "dataset": info.name, "config": json.loads(config.to_json_best_effort())}
-  train_step = jax.jit(make_train_step(model, tx, loss_fn, schedule),
+  train_step = jax.jit(config_train_step(config, model, tx, loss_fn, schedule),
                        in_shardings=(shardings, None), out_shardings=(shardings, None),
                        donate_argnums=(0,))
-  repl = NamedSharding(mesh, P())
-  eval_step = jax.jit(make_eval_step(model, num_classes, info.ignore_index),
-                      out_shardings=repl)
+  # One evaluator for the whole run: its plan of the split and its compiled
+  # steps are reused at every evaluation.
+  evaluator = evaluator_lib.Evaluator(model, config, mesh=mesh, log=_log)
   writer = MetricWriter(workdir)
 
   # --- Train. ----------------------------------------------------------------
@@ -294,24 +393,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.scalars(step, {"images_per_sec": ips}, "train/")
       t_last, step_last = now, step
     is_eval = step % config.eval_every == 0 or step == total
+    if is_eval or step % config.checkpoint_every == 0:
+      # Saved before evaluating: an evaluation that fails costs no training.
+      checkpointing.save(manager, step, state, train_iter, meta)
+      _log(f"saved checkpoint at step {step}")
     if is_eval:
-      variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-      summary, confusion = evaluate(config, model, eval_step, variables, mesh, info, eval_rng)
+      try:
+        result = evaluate(evaluator, state)
+      except BaseException:
+        manager.wait_until_finished()   # the step's checkpoint is complete on disk
+        raise
+      summary, confusion = result.summary, result.confusion
+      checkpointing.record_metrics(manager, step, {"mIoU": summary["mIoU"]})
       _log(f"eval step {step}: " + ", ".join(
           f"{k} {v:.2f}" for k, v in summary.items() if k != "per_class"))
       writer.scalars(step, {k: v for k, v in summary.items() if k != "per_class"}, "val/")
+      writer.scalars(step, {"images_per_sec": result.images_per_s}, "val/")
       writer.flush()
       t_last = time.time()           # evaluation time is not training throughput
-    if is_eval or step % config.checkpoint_every == 0:
-      checkpointing.save(manager, step, state, train_iter, meta,
-                         metrics={"mIoU": summary["mIoU"]} if is_eval else None)
-      _log(f"saved checkpoint at step {step}")
   manager.wait_until_finished()
 
   # --- Final evaluation (also when resumed after the last step was saved). ----
   if summary is None:
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    summary, confusion = evaluate(config, model, eval_step, variables, mesh, info, eval_rng)
+    result = evaluate(evaluator, state)
+    summary, confusion = result.summary, result.confusion
   if jax.process_index() == 0:
     _log(metrics_lib.format_table(summary))
     with open(os.path.join(workdir, "metrics.json"), "w") as f:

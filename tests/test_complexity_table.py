@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from offseg_jax.tools import complexity_table
+from offseg_jax import models
+from offseg_jax.tools import complexity, complexity_table
 
 
 def _official(shared_dir, model):
@@ -49,3 +53,37 @@ def test_report_counts_agreement_and_explains_known_disagreements():
   assert "segnext_t, PC-59: ours 6.309, paper 6.6 (ratio 0.956) [reused]" in report
   assert "segnext_s, ADE20K" in report and "(no explanation known)" in report
   assert "Skipped (trace too slow): segnext_s cityscapes" in report
+
+
+def test_both_tools_print_one_paper_figure_talking_heads_counted_as_convs(capsys):
+  # OffSeg-nano: EfficientFormerV2 with one attention block (4 talking heads) in
+  # stages 2 and 3; at 128x128 both attend over 4x4 = 16 tokens.
+  counts = complexity_table.count("offseg_nano", 19, (128, 128))
+  argv = ["--model", "offseg_nano", "--num-classes", "19", "--size", "128", "128", "--no-xla"]
+  assert complexity.main(argv + ["--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["paper_gflops"] == complexity_table.paper_gmacs("offseg_nano", counts)
+  assert result["paper_gflops"] == result["conv_gmacs"] == counts.conv_macs / 1e9
+  assert result["matmul_gmacs"] == counts.matmul_macs / 1e9
+  assert complexity.main(argv) == 0
+  assert f"paper convention: {counts.conv_macs / 1e9:.3f} GFLOPs" in capsys.readouterr().out
+  # The official 1x1 Conv2d talking heads (an einsum here) count as convolutions:
+  # 2 blocks x 2 mixers x heads^2 x tokens^2 above the plain convolution count.
+  jaxpr, _, _, _ = complexity.trace_forward(models.build_model({"name": "offseg_nano"}, 19),
+                                            (128, 128))
+  assert counts.conv_macs - complexity.conv_macs(jaxpr) == 2 * 2 * 4 ** 2 * 16 ** 2
+  # Families without a paper convention get no paper figure.
+  assert complexity.paper_gmacs("swin_tiny", complexity.MacCounts(1, 2)) is None
+
+
+def test_parameter_table_lists_every_parameter_without_reading_values():
+  model = models.build_model({"name": "offseg_nano"}, 5)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  table = complexity.parameter_table(abstract["params"])     # shapes only, as the trainer has
+  leaves = jax.tree_util.tree_leaves_with_path(abstract["params"])
+  total = sum(math.prod(leaf.shape) for _, leaf in leaves)
+  assert f"Total: {total:,}" in table
+  rows = [line for line in table.splitlines() if line.startswith("| ") and "Name" not in line]
+  assert len(rows) == len(leaves)
+  assert any("/token_mixer/talking_head1/kernel " in row and "(1, 1, 4, 4)" in row
+             for row in rows)

@@ -170,6 +170,52 @@ def test_pack_cli_with_config_arg_and_overrides(tmp_path):
   _assert_same_examples(datasets.build_source(config, "val"), datasets.build_source(loaded, "val"))
 
 
+def test_pack_prints_a_load_command_that_works_with_the_same_config(tmp_path):
+  """As a user would: pack with an experiment config, load with the printed flags."""
+  _, root = _ade(tmp_path / "src", num_train=2, num_val=1)
+  config_flag = "--config=experiments/configs/offseg.py:t,ade20k"
+  result = _run_cli("input_pipeline.pack", config_flag, f"--config.data.root={root}",
+                    f"--output={tmp_path / 'out'}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith("load it with the same --config and: ")
+  printed = last.split(": ", 1)[1].split()
+  target = tmp_path / "out" / "offseg_ade20k" / "1.0.0"
+  assert printed == ["--config.data.name=tfds", f"--config.data.root={target}"]
+  result = _run_cli("input_pipeline.check", config_flag, *printed, "--nohistogram")
+  assert result.returncode == 0, result.stdout[-2000:]
+  assert "train: 2 examples checked, 0 problems" in result.stdout
+  assert "val: 1 examples checked, 0 problems" in result.stdout
+  # The same packed copy read with a config made for another dataset is refused.
+  other = datasets.default_data_config("cityscapes")
+  other.name, other.root = "tfds", str(target)
+  with pytest.raises(ValueError, match=r"packed copy of 'ade20k', but config.data was made "
+                     r"for 'cityscapes'.*--config=experiments/configs/offseg.py:t,ade20k "
+                     r"--config.data.name=tfds"):
+    datasets.dataset_info(other)
+
+
+def test_packed_own_folders_load_with_the_config_they_were_packed_with(tmp_path):
+  """Custom folders read with ADE20K's recipe, packed, then loaded as tfds on that config."""
+  rng = np.random.default_rng(0)
+  for stem in ("a", "b"):
+    _write(tmp_path / f"mine/img_dir/val/{stem}.jpg", rng.integers(0, 256, (24, 32, 3),
+                                                                    dtype=np.uint8))
+    _write(tmp_path / f"mine/ann_dir/val/{stem}.png", rng.integers(0, 3, (24, 32), dtype=np.uint8))
+  config = datasets.default_data_config("ade20k")    # e.g. offseg.py:t,ade20k
+  config.name, config.root = "custom", str(tmp_path / "mine")
+  config.class_names = ("sky", "road", "car")
+  target = pack.pack(config, ("val",), str(tmp_path / "out"), log=lambda *_: None)
+  loaded = config.copy_and_resolve_references()
+  loaded.name, loaded.root = "tfds", target          # what the packer says to add
+  assert datasets.dataset_info(loaded).class_names == ("sky", "road", "car")
+  _assert_same_examples(datasets.build_source(config, "val"), datasets.build_source(loaded, "val"))
+  synthetic = datasets.default_data_config("synthetic")
+  synthetic.name, synthetic.root = "tfds", target
+  with pytest.raises(ValueError, match=r"data.name='tfds' does not fit .* made for 'synthetic'"):
+    datasets.dataset_info(synthetic)
+
+
 # ---------------------------------------------------------------- check
 
 

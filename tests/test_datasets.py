@@ -1,6 +1,10 @@
 """Datasets: tiny fake datasets in each standard layout, loaded, augmented, batched."""
 
+import importlib
 import os
+import re
+import subprocess
+import sys
 
 import cv2
 import grain
@@ -8,10 +12,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from input_pipeline import dataset_config
 from input_pipeline import datasets
 from input_pipeline import image_io
 from input_pipeline import transforms
 from input_pipeline import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write(path, array):
@@ -297,3 +304,101 @@ def test_truncated_jpeg_detection_ignores_thumbnails_and_trailing_bytes():
   assert image_io.truncation_problem(with_thumbnail) is None
   assert "truncated JPEG" in image_io.truncation_problem(with_thumbnail[:-40])
   assert image_io.decode_image(with_thumbnail, "t.jpg").shape == (16, 16, 3)
+
+
+# ---------------------------------------------------------------- choosing a dataset
+
+
+def test_a_name_the_config_was_not_made_for_is_refused_with_the_config_to_use():
+  config = datasets.default_data_config("synthetic")
+  config.name, config.root = "ade20k", "ADE"
+  for call in (datasets.dataset_info, lambda c: datasets.build_source(c, "train"),
+               lambda c: datasets.folder_listing(c, "train")):
+    with pytest.raises(ValueError, match=r"^data.name='ade20k' .* made for 'synthetic'; .*"
+                       r"--config=experiments/configs/offseg.py:t,ade20k "
+                       r"--config.data.root=ADE$"):
+      call(config)
+  config = datasets.default_data_config("ade20k")
+  config.name = "cityscapes"
+  with pytest.raises(ValueError, match=r"made for 'ade20k'.*offseg.py:t,cityscapes"):
+    datasets.dataset_info(config)
+  config.name = "bdd100k"
+  with pytest.raises(ValueError, match=r"common.data_config\('bdd100k'\)"):
+    datasets.dataset_info(config)
+  # The synthetic recipe (64-pixel crops, no resize) and sizes fit no real data.
+  config = datasets.default_data_config("synthetic")
+  config.name, config.class_names = "custom", ("a", "b")
+  with pytest.raises(ValueError, match=r"made for 'synthetic'.*offseg.py:t,ade20k "
+                     r"--config.data.name=custom"):
+    datasets.dataset_info(config)
+
+
+@pytest.mark.parametrize("name", sorted(dataset_config.EXPERIMENT_CONFIGS))
+def test_the_configs_the_refusal_names_are_made_for_their_dataset(name):
+  path, _, arg = dataset_config.EXPERIMENT_CONFIGS[name].partition(":")
+  module = importlib.import_module(path[:-len(".py")].replace("/", "."))
+  config = module.get_config(arg or None)
+  assert config.data.name == config.data.defaults_for == name
+
+
+def test_own_folders_with_a_real_datasets_recipe_get_the_custom_layout(tmp_path):
+  _, root, written = _make_dataset(tmp_path, "custom")
+  config = datasets.default_data_config("ade20k")     # e.g. from offseg.py:t,ade20k
+  config.name, config.root, config.class_names = "custom", str(root), ("sky", "road", "car")
+  source = datasets.build_source(config, "train")     # img_dir/train, not images/training
+  assert len(source) == len(written["train"]) and source[0]["name"] == "a"
+  assert datasets.dataset_info(config).num_classes == 3
+  assert config.crop_size == (512, 512) and config.img_dir == "images/{split}"  # not edited
+  config.img_dir = "photos/{split}"                   # set explicitly: kept
+  with pytest.raises(FileNotFoundError, match=r"photos/train not found"):
+    datasets.build_source(config, "train")
+
+
+@pytest.mark.parametrize("name, layout", [
+    ("ade20k", "the ADE20K layout (images/training/**/*.jpg, annotations/training/**/*.png)"),
+    ("cityscapes", "the Cityscapes layout (leftImg8bit/train/**/*_leftImg8bit.png, "
+                   "gtFine/train/**/*_gtFine_labelTrainIds.png)"),
+    ("coco_stuff164k", "the COCO-Stuff-164k layout (images/train2017/**/*.jpg, "
+                       "annotations/train2017/**/*_labelTrainIds.png)"),
+    ("pascal_context59", "the Pascal-Context-59 layout (JPEGImages/**/*.jpg, "
+                         "SegmentationClassContext/**/*.png, "
+                         "ImageSets/SegmentationContext/train.txt)"),
+    ("bdd100k", "the BDD100K layout (images/10k/train/**/*.jpg, "
+                "labels/sem_seg/masks/train/**/*.png)"),
+])
+def test_layout_messages_describe_the_real_layout(tmp_path, name, layout):
+  config = datasets.default_data_config(name)
+  config.root = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError) as error:
+    datasets.build_source(config, "train")
+  assert layout in str(error.value)
+  config.root = str(tmp_path)
+  with pytest.raises(FileNotFoundError) as error:
+    datasets.build_source(config, "train")
+  assert layout in str(error.value)
+  config.img_suffix = ".tif"          # a changed layout is named as such, with the real one
+  title, files = layout[len("the "):-1].split(" layout (")
+  with pytest.raises(FileNotFoundError, match=r"\*\.tif.* as configured .*" +
+                     re.escape(f"(the {title} layout is {files})")):
+    datasets.build_source(config, "train")
+
+
+def test_choosing_a_dataset_on_the_command_line_as_a_user_would(tmp_path):
+  """The trap: the default config with only data.name changed, then the suggestion."""
+  config, root, _ = _make_dataset(tmp_path, "ade20k")
+  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env,
+                                     capture_output=True, text=True, timeout=180)
+  result = run("offseg_jax.main", "--config=experiments/configs/default.py",
+               "--config.data.name=ade20k", f"--config.data.root={root}",
+               f"--workdir={tmp_path / 'workdir'}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in result.stderr
+  assert not (tmp_path / "workdir").exists()
+  suggested = errors[0].split("instead: ", 1)[1].split()
+  assert suggested == ["--config=experiments/configs/offseg.py:t,ade20k",
+                       f"--config.data.root={root}"]
+  result = run("input_pipeline.check", *suggested, "--nohistogram")
+  assert result.returncode == 0, result.stdout[-2000:]
+  assert "== ade20k / train: 2 examples checked, 0 problems" in result.stdout

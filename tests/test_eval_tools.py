@@ -118,13 +118,14 @@ def test_event_files_are_read_without_tensorflow(tmp_path):
 def tiny_workdir(tmp_path_factory):
   """A training workdir as the trainer writes it: an orbax step with the full
   train state (sharded over 2 devices), meta, and TensorBoard events."""
-  from offseg_jax import checkpointing, optim, train  # pylint: disable=g-import-not-at-top
+  from offseg_jax import checkpointing, optim  # pylint: disable=g-import-not-at-top
+  from offseg_jax.models import construction  # pylint: disable=g-import-not-at-top
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   workdir = tmp_path_factory.mktemp("workdir")
   info = datasets.dataset_info(config.data)
-  model = train.create_model(config, info.num_classes)
-  variables = jax.jit(functools.partial(train.init_variables, model, config))(
+  model = construction.create_model(config, info.num_classes)
+  variables = jax.jit(functools.partial(construction.init_variables, model, config))(
       jax.random.PRNGKey(1))
   tx, _ = optim.build_optimizer(config, variables["params"])
   state = {"step": jnp.asarray(7, jnp.int32), "params": variables["params"],
@@ -175,13 +176,14 @@ def test_evaluate_command_writes_metrics_confusion_and_report(tiny_workdir):
 
 
 def test_evaluate_restored_checkpoint_matches_in_memory_variables(tiny_workdir, tmp_path):
-  from offseg_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from offseg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from offseg_jax.models import construction  # pylint: disable=g-import-not-at-top
   from offseg_jax.conversion import variables_io  # pylint: disable=g-import-not-at-top
   config, workdir, _, variables = tiny_workdir
   # A step directory saved on 2 devices, restored onto one.
   summary = evaluate.run(config, str(workdir / "checkpoints" / "7"), output=str(tmp_path),
                          report=False, progress=False)
-  model = train.create_model(config, datasets.dataset_info(config.data).num_classes)
+  model = construction.create_model(config, datasets.dataset_info(config.data).num_classes)
   direct, confusion = runner.evaluate_model(model, variables, config, progress=False)
   assert summary["mIoU"] == direct["mIoU"]
   np.testing.assert_array_equal(np.load(tmp_path / "confusion.npy"), confusion)

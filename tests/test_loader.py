@@ -42,8 +42,9 @@ def test_epochs_reshuffle_and_augmentation_depends_on_seed():
   c2.seed = 1
   other = _take(iter(loader.train_dataset(c2)), 1)[0]
   assert not np.array_equal(other["image"], batches[0]["image"])
-  assert batches[0]["image"].dtype == np.float32 and batches[0]["image"].shape == (4, 64, 64, 3)
-  assert batches[0]["label"].dtype == np.int32
+  # uint8 over the wire (normalised on device; see tests/test_precision.py).
+  assert batches[0]["image"].dtype == np.uint8 and batches[0]["image"].shape == (4, 64, 64, 3)
+  assert batches[0]["label"].dtype == np.uint8 and batches[0]["valid_hw"].shape == (4, 2)
 
 
 def test_eval_batches_score_every_image_exactly_once_on_any_process_count(monkeypatch):

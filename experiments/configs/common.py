@@ -25,6 +25,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.keep_checkpoints = 2
   c.init_from = ""                  # converted checkpoint (full model or --backbone-only)
+  # Micro-batches per optimizer step (gradients summed in float32 under a scan, so
+  # activations of one micro-batch of batch_size / k are alive at a time). Equal to
+  # the full batch for BatchNorm-free models; BatchNorm models normalise each
+  # micro-batch with its own statistics (see offseg_jax.train.make_train_step).
+  c.grad_accum_steps = 1
+  # Host -> device images: 'uint8' (normalised on device; 4x fewer bytes) or
+  # 'float32' (normalised on the host). Both give the same training batch.
+  c.transfer_dtype = "uint8"
 
   c.model = model_config("offseg_t")
 
@@ -55,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.crop_size = (512, 512)
   c.eval.stride = (480, 480)
   c.eval.size_divisor = 0           # 32 pads test images as SegNeXt does
-  c.eval.batch_size = 8             # global images (or windows) per eval call
+  c.eval.batch_size = 8             # global images per eval step (rounded up to the devices)
+  c.eval.buckets_per_octave = 4     # image-size buckets (padding < 1/4 a side); 0 = exact sizes
   c.eval.tta = False
   c.eval.tta_ratios = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
   c.eval.tta_flip = True
@@ -79,7 +88,10 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   others to their preset's classifier. ``pixel_linear`` has no head to switch.
 
   ``dtype`` is the compute dtype (``float32`` | ``bfloat16``); parameters,
-  optimizer state and losses stay float32. ``backbone``, ``refiner``, ``neck``,
+  optimizer state, losses and metrics stay float32. ``remat=True``
+  rematerialises the whole backbone: its activations are not kept for the
+  backward pass but recomputed (one extra backbone forward per step, less
+  activation memory; see ``EncoderDecoder.remat``). ``backbone``, ``refiner``, ``neck``,
   ``head`` and ``projection`` swap a part of the preset by its registered name
   ('' keeps the preset's); composed presets (ECENet, FRM) also expose their parts'
   fields as ``<slot>_args``.
@@ -87,6 +99,7 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.name = name
   m.dtype = "float32"
+  m.remat = False
   if name == "pixel_linear":
     return m
   spec = compose.COMPOSITIONS.get(name, {})

@@ -1,21 +1,19 @@
-"""Dataset-level evaluation: every validation image scored exactly once.
+"""Scoring folders of predictions, and the evaluator's functional entry points.
 
-Process ``p`` of ``P`` takes images ``p, p + P, ...`` of the split, predicts
-each at its original label resolution and accumulates an integer confusion
-matrix; the matrices are summed over processes (:func:`metrics.process_sum`)
-and summarised with mmseg ``IoUMetric`` semantics. :func:`score_predictions`
-does the same for a folder of label PNGs written by ``predict`` (or anything
-else in the dataset's own label convention).
+:func:`evaluate_model` and :func:`load_model` are conveniences over
+:class:`offseg_jax.evaluation.evaluator.Evaluator` (the one evaluation path of
+training, ``evaluate`` and ``predict``). :func:`score_predictions` scores a
+folder of label PNGs written by ``predict`` (or anything else in the dataset's
+own label convention) against a split: process ``p`` of ``P`` takes images
+``p, p + P, ...``; the confusion matrices are summed over processes
+(:func:`metrics.process_sum`) and summarised with mmseg ``IoUMetric`` semantics.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import functools
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -23,14 +21,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from input_pipeline import datasets
-from input_pipeline import transforms
-from offseg_jax.evaluation import inference
+from offseg_jax.evaluation import evaluator as evaluator_lib
 from offseg_jax.evaluation import metrics
 
-# Device confusion counts are int32: flush them to the host's int64 total before
-# this many labelled pixels could overflow them.
-_FLUSH_PIXELS = 1 << 30
-_confusion = jax.jit(metrics.confusion_matrix, static_argnums=(2, 3))
+metric_names = evaluator_lib.metric_names
+summarize = evaluator_lib.summarize
 
 
 def _shard(count: int, shard: tuple[int, int] | None) -> range:
@@ -40,55 +35,16 @@ def _shard(count: int, shard: tuple[int, int] | None) -> range:
   return range(index, count, total)
 
 
-def _prefetched(load: Callable[[int], Any], indices: Sequence[int], workers: int,
-                depth: int) -> Iterator[Any]:
-  """``load(i)`` for each index in order, computed ``depth`` ahead by threads
-  (decoding and resizing release the GIL), so the host overlaps the device."""
-  if workers <= 0:
-    yield from (load(i) for i in indices)
-    return
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    pending = collections.deque()
-    for i in indices:
-      pending.append(pool.submit(load, i))
-      if len(pending) > depth:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
-
-
-def metric_names(config) -> tuple[str, ...]:
-  """``config.eval.metrics`` (default mIoU), validated."""
-  names = tuple(config.eval.get("metrics", ("mIoU",)) or ("mIoU",))
-  unknown = [m for m in names if m not in metrics.ALL_METRICS]
-  if unknown:
-    raise ValueError(f"Unknown config.eval.metrics {unknown}; choose from {metrics.ALL_METRICS}")
-  return names
-
-
-def summarize(confusion: np.ndarray, config, info) -> dict:
-  """mmseg's summary of an accumulated confusion matrix for ``config.eval``."""
-  return metrics.summarize(confusion, info.class_names, metric_names(config),
-                           nan_to_num=config.eval.get("nan_to_num", None))
-
-
 def load_model(config, checkpoint: str, which: str = "latest"):
   """``(model, variables, info)`` for ``config`` with weights from ``checkpoint``.
 
   ``checkpoint`` is anything :func:`checkpointing.load_eval_variables` accepts:
   a training workdir (``which``: its latest or best step), a step directory
-  (saved on any number of devices) or a converted official checkpoint.
+  (saved on any number of devices) or a converted official checkpoint. A
+  ``config`` that disagrees with the checkpoint's own on the model or the
+  dataset is refused (see :func:`evaluator.load_for_eval`).
   """
-  from offseg_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
-  info = datasets.dataset_info(config.data)
-  model = train.create_model(config, info.num_classes)
-  abstract = jax.eval_shape(functools.partial(train.init_variables, model, config),
-                            jax.random.PRNGKey(0))
-  # Restore onto this process's first device, whatever mesh saved the checkpoint.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  template = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-  variables = checkpointing.load_eval_variables(checkpoint, template, which=which)
+  _, model, variables, info = evaluator_lib.load_for_eval(checkpoint, config, which=which)
   return model, variables, info
 
 
@@ -97,7 +53,8 @@ def evaluate_model(model: Any, variables, config, split: str = "val",
                    max_images: int | None = None, progress: bool = True,
                    callback: Callable[[dict, np.ndarray], None] | None = None,
                    shard: tuple[int, int] | None = None):
-  """Evaluates ``model`` on a split; returns ``(summary, confusion)``.
+  """Evaluates ``model`` on a split with :class:`evaluator.Evaluator`;
+  returns ``(summary, confusion)``.
 
   Args:
     model: module (or object with ``apply``) following the registry interface.
@@ -108,9 +65,9 @@ def evaluate_model(model: Any, variables, config, split: str = "val",
     max_images: score only the first ``max_images`` images of the split.
     progress: show a progress bar (on process 0).
     callback: called as ``callback(example, prediction)`` for every image this
-      process scores (original-resolution example, int32 prediction on host);
-      used for sample overlays. Host transfers only happen when it is given.
-    shard: ``(index, count)`` to score only that shard without cross-process
+      process scores (original example, int32 prediction on host); predictions
+      only leave the devices when it is given.
+    shard: ``(index, count)`` to score only that share without cross-process
       reduction (tests simulate processes this way); default: this JAX process
       of all of them, summed over processes.
 
@@ -118,49 +75,10 @@ def evaluate_model(model: Any, variables, config, split: str = "val",
     ``summary`` as :func:`metrics.summarize`, and the int64 [K, K] confusion
     matrix over the whole split (rows: ground truth).
   """
-  info = datasets.dataset_info(config.data)
-  source = datasets.build_source(config.data, split)
-  transform = transforms.build_eval_transform(config.data)
-  settings = inference.InferenceSettings.from_config(config.eval, mode=mode, tta=tta)
-  segmenter = inference.Segmenter(model, variables, settings, mean=config.data.mean,
-                                  std=config.data.std, seed=int(config.get("seed", 0)))
-  num_classes = info.num_classes
-  count = len(source) if max_images is None else min(int(max_images), len(source))
-  indices = _shard(count, shard)
-
-  def load(index):
-    example = source[index]
-    # TTA rescales the original image itself; otherwise the test transform resizes.
-    return example, (None if settings.tta else transform(dict(example))["image"])
-
-  workers = int(config.data.get("num_threads", 4) or 0)
-  total = np.zeros((num_classes, num_classes), np.int64)
-  pending, pending_pixels = None, 0
-  show = progress and (shard is not None or jax.process_index() == 0)
-  loaded = _prefetched(load, indices, workers, depth=2 * max(workers, 1))
-  for example, resized in tqdm(loaded, total=len(indices), desc=f"eval {split}",
-                               disable=not show, unit="img"):
-    label = np.asarray(example["label"])
-    if settings.tta:
-      pred = segmenter.labels(np.asarray(example["image"]))
-    else:
-      pred = segmenter.labels(np.asarray(resized), label.shape)
-    if pred.shape != label.shape:
-      raise ValueError(f"prediction {pred.shape} and label {label.shape} of "
-                       f"{example.get('name', '<unnamed example>')!r} differ in size")
-    if pending_pixels + label.size > _FLUSH_PIXELS and pending is not None:
-      total += np.asarray(pending, np.int64)
-      pending, pending_pixels = None, 0
-    counts = _confusion(pred, segmenter.put(label), num_classes, info.ignore_index)
-    pending = counts if pending is None else pending + counts
-    pending_pixels += label.size
-    if callback is not None:
-      callback(example, np.asarray(pred))
-  if pending is not None:
-    total += np.asarray(pending, np.int64)
-  if shard is None:
-    total = metrics.process_sum(total)
-  return summarize(total, config, info), total
+  evaluator = evaluator_lib.Evaluator(model, config, mode=mode, tta=tta, shard=shard)
+  result = evaluator.evaluate(variables, split, max_images=max_images, callback=callback,
+                              progress=progress)
+  return result.summary, result.confusion
 
 
 def read_label_png(path: str | os.PathLike) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from offseg_jax.models import compose
+from offseg_jax.models import compose, segmentor
 from offseg_jax.registry import BACKBONES, BLOCKS, HEADS, MODELS, NECKS
 
 # Modules that register components. Each is imported if present so that
@@ -49,7 +49,8 @@ def build_model(model_config: Mapping[str, Any], num_classes: int):
   fields as overrides; when the config swaps or extends a part (``backbone``,
   ``refiner``, ``neck``, ``head``, ``projection`` and their ``*_args``; see
   :mod:`offseg_jax.models.compose`), or ``name`` is '', the model is composed
-  from the parts.
+  from the parts. ``dtype`` is the compute dtype; ``remat=True`` rematerialises
+  the backbone (:func:`offseg_jax.models.segmentor.with_remat`).
   """
   cfg = {k: v for k, v in dict(model_config).items()
          if not (k in compose.SLOTS or k.endswith("_args"))}
@@ -57,11 +58,14 @@ def build_model(model_config: Mapping[str, Any], num_classes: int):
   name = cfg.pop("name", "")
   if "dtype" in cfg:
     cfg["dtype"] = jnp.dtype(cfg["dtype"])
+  remat = bool(cfg.pop("remat", False))     # applied to the built EncoderDecoder
   uses_parts = any(dict(model_config).get(k) for k in dict(model_config)
                    if k in compose.SLOTS or k.endswith("_args"))
   if spec is not None and (uses_parts or not name):
-    return compose.build_composed(num_classes, spec, **cfg)
-  return MODELS.build(name, num_classes=num_classes, **cfg)
+    model = compose.build_composed(num_classes, spec, **cfg)
+  else:
+    model = MODELS.build(name, num_classes=num_classes, **cfg)
+  return segmentor.with_remat(model) if remat else model
 
 
 __all__ = ["BACKBONES", "BLOCKS", "HEADS", "MODELS", "NECKS", "build_model"]

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from offseg_jax.models.family import as_field as _as_field
 from offseg_jax.models.segmentor import EncoderDecoder
 from offseg_jax.registry import BACKBONES, BLOCKS, HEADS, MODELS, NECKS
 
@@ -36,15 +37,6 @@ SLOTS = {"backbone": BACKBONES, "refiner": NECKS, "neck": NECKS, "head": HEADS,
 COMPOSITIONS: dict[str, dict[str, Any]] = {}
 # Presets whose MODELS entry is the composition itself (not a family builder).
 COMPOSED_PRESETS: set[str] = set()
-
-
-def _as_field(value):
-  """Config lists -> tuples (nested too), so module fields stay hashable."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_as_field(v) for v in value)
-  if isinstance(value, Mapping):
-    return {k: _as_field(v) for k, v in value.items()}
-  return value
 
 
 def register_composition(name: str, spec: Mapping[str, Any], *, doc: str = "",

@@ -21,18 +21,18 @@ not stored: the indices are recomputed here.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
+from einops import rearrange
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from offseg_jax.models import layers
-from offseg_jax.registry import BACKBONES
+from offseg_jax.models.family import register_backbones
 
 Dtype = Any
 
@@ -183,9 +183,13 @@ class HeadMixer(nn.Module):
 
 
 def _split_heads(x, num_heads: int):
-  """(B, H, W, heads*d) -> (B, H*W, heads, d); torch channel = head*d + j."""
-  b, h, w, c = x.shape
-  return x.reshape(b, h * w, num_heads, c // num_heads)
+  """(B, H, W, heads*d) -> (B, H*W, heads, d) tokens; torch channel = head*d + j."""
+  return rearrange(x, "b h w (heads d) -> b (h w) heads d", heads=num_heads)
+
+
+def _merge_heads(tokens, height: int):
+  """(B, H*W, heads, d) -> (B, H, W, heads*d): the inverse of :func:`_split_heads`."""
+  return rearrange(tokens, "b (h w) heads d -> b h w (heads d)", h=height)
 
 
 # ----------------------------------------------------------------------------
@@ -208,7 +212,7 @@ class Attention4D(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    b, height, width, dim = x.shape
+    _, height, width, dim = x.shape
     nh, kd = self.num_heads, self.key_dim
     d = self.attn_ratio * kd
     if self.stride not in (None, 2):
@@ -241,7 +245,7 @@ class Attention4D(nn.Module):
     attn = HeadMixer(nh, name="talking_head1")(attn)
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
     attn = HeadMixer(nh, name="talking_head2")(attn)
-    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, h, w, nh * d) + v_local
+    out = _merge_heads(jnp.einsum("bhnm,bmhd->bnhd", attn, v), h) + v_local
     if self.stride is not None:
       out = layers.resize_bilinear(out, (2 * h, 2 * w))
     out = _torch_conv(dim, 1, nh * d, dtype=self.dtype, name="proj.1")(layers.gelu(out))
@@ -263,7 +267,7 @@ class Attention4DDownsample(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    b, height, width, dim = x.shape
+    _, height, width, dim = x.shape
     if height % 2 or width % 2:
       raise ValueError(
           f"{self.name}: downsampling attention needs an even feature size, got "
@@ -291,7 +295,7 @@ class Attention4DDownsample(nn.Module):
                           h * w, height * width)
     attn = attn + bias.astype(attn.dtype)[None]
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, h, w, nh * d) + v_local
+    out = _merge_heads(jnp.einsum("bhnm,bmhd->bnhd", attn, v), h) + v_local
     out = _torch_conv(self.out_dim, 1, nh * d, dtype=self.dtype, name="proj.1")(layers.gelu(out))
     return bn(out, "proj.2")
 
@@ -391,6 +395,8 @@ class EfficientFormerV2(nn.Module):
   Inputs must have H and W divisible by 32 (strided and downsampling attention
   reshape with H // 2 at stride 16), as in the official code.
   """
+  # Read by offseg_jax.models.construction.size_divisor: inference pads to it.
+  size_divisor: ClassVar[int] = 32
   widths: Sequence[int] = WIDTHS["S1"]
   depths: Sequence[int] = DEPTHS["S1"]
   expansion_ratios: Sequence[Sequence[float]] = EXPANSION_RATIOS["S1"]
@@ -452,28 +458,12 @@ class EfficientFormerV2(nn.Module):
     return tuple(outs)
 
 
-def _variant_builder(variant: str):
-  defaults = dict(widths=WIDTHS[variant], depths=DEPTHS[variant],
-                  expansion_ratios=EXPANSION_RATIOS[variant], vit_num=VIT_NUM[variant],
-                  drop_path_rate=DROP_PATH_RATE[variant])
-
-  def build(**overrides) -> EfficientFormerV2:
-    fields = {f.name for f in dataclasses.fields(EfficientFormerV2)} - {"parent", "name"}
-    unknown = set(overrides) - fields
-    if unknown:
-      raise TypeError(f"Unknown EfficientFormerV2 fields {sorted(unknown)}; "
-                      f"known: {sorted(fields)}")
-    cfg = {**defaults, **overrides}
-    for key in ("widths", "depths"):
-      cfg[key] = tuple(int(v) for v in cfg[key])
-    cfg["expansion_ratios"] = tuple(tuple(r) for r in cfg["expansion_ratios"])
-    return EfficientFormerV2(**cfg)
-
-  build.__doc__ = (f"EfficientFormerV2-{variant} segmentation backbone; keyword overrides "
-                   "replace EfficientFormerV2 fields.")
-  return build
-
-
-for _variant, _name in (("S1", "efficientformerv2_s1_feat"), ("S2", "efficientformerv2_s2_feat"),
-                        ("L", "efficientformerv2_l_feat")):
-  BACKBONES.register(_name)(_variant_builder(_variant))
+# The official segmentation backbones (``efficientformerv2_{s1,s2,l}_feat``).
+register_backbones(
+    EfficientFormerV2,
+    {name: dict(widths=WIDTHS[v], depths=DEPTHS[v], expansion_ratios=EXPANSION_RATIOS[v],
+                vit_num=VIT_NUM[v], drop_path_rate=DROP_PATH_RATE[v])
+     for v, name in (("S1", "efficientformerv2_s1_feat"), ("S2", "efficientformerv2_s2_feat"),
+                     ("L", "efficientformerv2_l_feat"))},
+    doc=lambda name: (f"EfficientFormerV2-{name.split('_')[1].upper()} segmentation backbone; "
+                      "keyword overrides replace EfficientFormerV2 fields."))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from einops import rearrange
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,12 +61,13 @@ def carafe(x, masks, kernel_size: int, scale: int, groups: int = 1):
     raise ValueError(f"CARAFE: {c} channels not divisible into {groups} groups")
   r = (k - 1) // 2
   cg = c // groups
-  xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0))).reshape(b, h + 2 * r, w + 2 * r, groups, cg)
+  xp = rearrange(jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0))), "b h w (g c) -> b h w g c",
+                 g=groups)
   # Tap-major masks, so each tap's kernel plane is one contiguous slice. Output
   # pixel (s*y + i, s*x + j) is laid out as axes (y, i, x, j): the shifted low-res
   # view then broadcasts over the sub-pixel axes, no upsampled copy is made.
-  m = masks.reshape(b, h, s, w, s, groups, k * k).astype(x.dtype)
-  m = jnp.moveaxis(m, -1, 0)[..., None]                    # (k*k, b, h, s, w, s, g, 1)
+  m = rearrange(masks.astype(x.dtype), "b (h i) (w j) (g t) -> t b h i w j g 1",
+                i=s, j=s, g=groups)
 
   # A rolled loop keeps the program small (fast compiles, one fused kernel per
   # tap); rematerialising the tap keeps autodiff from stacking k*k shifted views.
@@ -76,7 +78,7 @@ def carafe(x, masks, kernel_size: int, scale: int, groups: int = 1):
 
   out = jax.lax.fori_loop(0, k * k, lambda t, acc: acc + tap(t, xp, m),
                           jnp.zeros((b, h, s, w, s, groups, cg), x.dtype))
-  return out.reshape(b, s * h, s * w, c)
+  return rearrange(out, "b h i w j g c -> b (h i) (w j) (g c)")
 
 
 def kernel_normalizer(logits):
@@ -149,10 +151,7 @@ def local_cosine_similarity(x, dilation: int = 2):
 
 def pixel_unshuffle(x, factor: int):
   """torch ``F.pixel_unshuffle`` in NHWC: channel c*f*f + i*f + j <- (f*y + i, f*x + j, c)."""
-  b, h, w, c = x.shape
-  f = int(factor)
-  x = x.reshape(b, h // f, f, w // f, f, c)
-  return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // f, w // f, c * f * f)
+  return rearrange(x, "b (h i) (w j) c -> b h w (c i j)", i=int(factor), j=int(factor))
 
 
 def sampler_init_pos(groups: int, scale: int = 2) -> np.ndarray:
@@ -217,11 +216,10 @@ class LocalSimGuidedSampler(nn.Module):
     comp*G*s^2 + g*s^2 + i*s + j (comp 0 = x, 1 = y).
     """
     g, s = self.groups, self.scale
-    b, h, w, _ = offset.shape
-    big_h, big_w, c = feat.shape[1:]
+    h, w = offset.shape[1:3]
     # Channel layout comp*G*s^2 + g*s^2 + i*s + j -> (B*G, s*h, s*w, (x, y)).
-    off = offset.astype(jnp.float32).reshape(b, h, w, 2, g, s, s)
-    off = off.transpose(0, 4, 1, 5, 2, 6, 3).reshape(b * g, s * h, s * w, 2)
+    off = rearrange(offset.astype(jnp.float32), "b h w (xy g i j) -> (b g) (h i) (w j) xy",
+                    xy=2, g=g, i=s, j=s)
     centres_x = jnp.repeat(jnp.arange(w, dtype=jnp.float32) + 0.5, s)
     centres_y = jnp.repeat(jnp.arange(h, dtype=jnp.float32) + 0.5, s)
     # Normalised as the reference does (by the low-res size), so the round trip
@@ -229,10 +227,9 @@ class LocalSimGuidedSampler(nn.Module):
     grid_x = 2 * (centres_x[None, None, :] + off[..., 0]) / w - 1
     grid_y = 2 * (centres_y[None, :, None] + off[..., 1]) / h - 1
     grid = jnp.stack([grid_x, grid_y], axis=-1)
-    groups_first = feat.reshape(b, big_h, big_w, g, c // g).transpose(0, 3, 1, 2, 4)
-    sampled = grid_sample(groups_first.reshape(b * g, big_h, big_w, c // g), grid)
-    sampled = sampled.reshape(b, g, big_h, big_w, c // g).transpose(0, 2, 3, 1, 4)
-    return sampled.reshape(b, big_h, big_w, c)
+    # Each group of contiguous channels is sampled at its own offsets.
+    sampled = grid_sample(rearrange(feat, "b h w (g c) -> (b g) h w c", g=g), grid)
+    return rearrange(sampled, "(b g) h w c -> b h w (g c)", g=g)
 
 
 class FreqFusion(nn.Module):

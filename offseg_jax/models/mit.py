@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from einops import rearrange
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from offseg_jax.models import layers
-from offseg_jax.registry import BACKBONES
+from offseg_jax.models.family import backbone_fields_from_official, register_backbones
 
 _LN_EPS = 1e-6
 _trunc02 = nn.initializers.truncated_normal(stddev=0.02)
@@ -70,8 +71,7 @@ class TorchMultiheadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, query, key_value, train: bool = False):
-    b, n, c = query.shape
-    m = key_value.shape[1]
+    c = query.shape[-1]
     h = self.num_heads
     if c % h:
       raise ValueError(f"{self.name}: {c} channels not divisible into {h} heads")
@@ -85,14 +85,12 @@ class TorchMultiheadAttention(nn.Module):
       b_in = self.param("in_proj_bias", nn.initializers.zeros, (3 * c,),
                         jnp.float32).astype(self.dtype)
       q, k, v = q + b_in[:c], k + b_in[c:2 * c], v + b_in[2 * c:]
-    q = q.reshape(b, n, h, d)
-    k = k.reshape(b, m, h, d)
-    v = v.reshape(b, m, h, d)
+    q, k, v = (rearrange(t, "b n (heads d) -> b n heads d", heads=h) for t in (q, k, v))
     logits = jnp.einsum("bnhd,bmhd->bhnm", q * (d ** -0.5), k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     if train and self.attn_drop_rate > 0:
       weights = nn.Dropout(self.attn_drop_rate, deterministic=False)(weights)
-    out = jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(b, n, c)
+    out = rearrange(jnp.einsum("bhnm,bmhd->bnhd", weights, v), "b n heads d -> b n (heads d)")
     return layers.Linear(c, dtype=self.dtype, kernel_init=_trunc02, name="out_proj")(out)
 
 
@@ -110,37 +108,42 @@ class EfficientMultiheadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    b, hgt, wid, c = x.shape
+    c = x.shape[-1]
     kv = x
     if self.sr_ratio > 1:
       kv = layers.Conv2d(c, self.sr_ratio, self.sr_ratio, dtype=self.dtype,
                          kernel_init=torch_fan_out_normal(), name="sr")(x)
       kv = layers.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm")(kv)
-    tokens = x.reshape(b, hgt * wid, c)
-    kv = kv.reshape(b, -1, c)
     out = TorchMultiheadAttention(self.num_heads, self.attn_drop_rate, self.qkv_bias,
-                                  dtype=self.dtype, name="attn")(tokens, kv, train)
-    return out.reshape(b, hgt, wid, c)
+                                  dtype=self.dtype, name="attn")(
+        rearrange(x, "b h w c -> b (h w) c"), rearrange(kv, "b h w c -> b (h w) c"), train)
+    return rearrange(out, "b (h w) c -> b h w c", h=x.shape[1])
 
 
 class MixFFN(nn.Module):
-  """1x1 conv -> depthwise 3x3 conv -> GELU -> 1x1 conv (torch ``layers.{0,1,4}``)."""
+  """1x1 conv -> depthwise 3x3 conv -> GELU -> 1x1 conv, dropout after GELU and fc2.
+
+  ``names`` are the three convs' torch names: mmseg MiT's ``layers.{0,1,4}``
+  by default; SegNeXt's MSCAN reuses this FFN as ``fc1``/``dwconv``/``fc2``.
+  """
   hidden: int
   drop_rate: float = 0.0
+  names: Sequence[str] = ("layers.0", "layers.1", "layers.4")
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     c = x.shape[-1]
+    fc1, dwconv, fc2 = self.names
     y = layers.Conv2d(self.hidden, 1, dtype=self.dtype, kernel_init=torch_fan_out_normal(),
-                      name="layers.0")(x)
+                      name=fc1)(x)
     y = layers.Conv2d(self.hidden, 3, padding=1, groups=self.hidden, dtype=self.dtype,
-                      kernel_init=torch_fan_out_normal(self.hidden), name="layers.1")(y)
+                      kernel_init=torch_fan_out_normal(self.hidden), name=dwconv)(y)
     y = layers.gelu(y)
     if train and self.drop_rate > 0:
       y = nn.Dropout(self.drop_rate, deterministic=False)(y)
     y = layers.Conv2d(c, 1, dtype=self.dtype, kernel_init=torch_fan_out_normal(),
-                      name="layers.4")(y)
+                      name=fc2)(y)
     if train and self.drop_rate > 0:
       y = nn.Dropout(self.drop_rate, deterministic=False)(y)
     return y
@@ -233,46 +236,20 @@ class MixVisionTransformer(nn.Module):
 
 def mit_config_from_official(cfg: dict) -> dict:
   """Maps an mmseg ``MixVisionTransformer`` config onto our constructor fields."""
-  if cfg.get("type", "MixVisionTransformer") != "MixVisionTransformer":
-    raise ValueError(f"Not a MixVisionTransformer config: {cfg.get('type')!r}")
-  if cfg.get("in_channels", 3) != 3:
-    raise ValueError("Only 3-channel inputs are supported")
-  norm = cfg.get("norm_cfg", {"type": "LN", "eps": 1e-6})
-  if norm.get("type") != "LN" or norm.get("eps", 1e-5) != _LN_EPS:
-    raise ValueError(f"MiT norm_cfg {norm} is not supported (LayerNorm eps 1e-6 only)")
-  act = cfg.get("act_cfg", {"type": "GELU"})
-  if act.get("type") != "GELU":
-    raise ValueError(f"MiT act_cfg {act} is not supported (GELU only)")
-  out = {}
-  for field in ("embed_dims", "num_layers", "num_heads", "patch_sizes", "strides",
-                "sr_ratios", "out_indices", "mlp_ratio", "qkv_bias", "drop_rate",
-                "attn_drop_rate", "drop_path_rate"):
-    if field in cfg:
-      value = cfg[field]
-      out[field] = tuple(value) if isinstance(value, (list, tuple)) else value
+  out = backbone_fields_from_official(
+      cfg, "MixVisionTransformer",
+      ("embed_dims", "num_layers", "num_heads", "patch_sizes", "strides", "sr_ratios",
+       "out_indices", "mlp_ratio", "qkv_bias", "drop_rate", "attn_drop_rate",
+       "drop_path_rate"),
+      norm_default={"type": "LN", "eps": 1e-6},
+      norm_ok=lambda norm: norm.get("type") == "LN" and norm.get("eps", 1e-5) == _LN_EPS,
+      norm_support="LayerNorm eps 1e-6 only")
   if "num_stages" in cfg and cfg["num_stages"] != len(out.get("num_layers", (0,) * 4)):
     raise ValueError("num_stages does not match num_layers")
   return out
 
 
-def _tuples(fields: dict) -> dict:
-  """Config lists -> tuples (nested too), so module fields stay hashable."""
-  def convert(value):
-    return tuple(convert(v) for v in value) if isinstance(value, (list, tuple)) else value
-  return {k: convert(v) for k, v in fields.items()}
-
-
-def _register_backbones():
-  @BACKBONES.register("mit")
-  def build_mit(**overrides):
-    """MixVisionTransformer with mmseg's constructor defaults, any field overridable."""
-    return MixVisionTransformer(**_tuples(overrides))
-
-  for size, fields in MIT_SIZES.items():
-    def build(_fields=fields, **overrides):
-      return MixVisionTransformer(**{**_fields, **_tuples(overrides)})
-    build.__doc__ = f"MiT-{size.upper()} (SegFormer-{size.upper()} backbone)."
-    BACKBONES.register(f"mit_{size}")(build)
-
-
-_register_backbones()
+register_backbones(
+    MixVisionTransformer, {f"mit_{size}": fields for size, fields in MIT_SIZES.items()},
+    family="mit",
+    doc=lambda name: f"MiT-{name[4:].upper()} (SegFormer-{name[4:].upper()} backbone).")

@@ -5,7 +5,8 @@ stages 2-4 with one stride-2 3x3 conv + BN (``patch_embed{k}.proj/norm``). A blo
 is ``x + DropPath(ls1 * SA(BN x))`` then ``x + DropPath(ls2 * Mlp(BN x))``, where
 the spatial attention SA gates a 1x1-projected, GELU-activated input with the sum
 of a 5x5 depthwise conv and three strip-conv branches (1x7/7x1, 1x11/11x1,
-1x21/21x1). Each stage ends in a LayerNorm (eps 1e-5); all four stages are output.
+1x21/21x1), and Mlp is SegFormer's Mix-FFN (``mit.MixFFN``). Each stage ends in a
+LayerNorm (eps 1e-5); all four stages are output.
 
 BatchNorm: mmseg's SegNeXt configs use plain (unsynced) BN, so in training each
 GPU normalises over its own 2 images. This port's ``BatchNorm`` normalises over
@@ -23,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from offseg_jax.models import layers
-from offseg_jax.models.mit import torch_fan_out_normal
-from offseg_jax.registry import BACKBONES
+from offseg_jax.models.family import backbone_fields_from_official, register_backbones
+from offseg_jax.models.mit import MixFFN, torch_fan_out_normal
 
 MSCAN_SIZES = {
     "t": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2)),
@@ -85,26 +86,6 @@ class MSCASpatialAttention(nn.Module):
     return _conv(c, 1, dtype=self.dtype, name="proj_2")(y) + x
 
 
-class Mlp(nn.Module):
-  """1x1 conv -> depthwise 3x3 conv -> GELU -> 1x1 conv (dropout after GELU and fc2)."""
-  hidden: int
-  drop_rate: float = 0.0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    c = x.shape[-1]
-    y = _conv(self.hidden, 1, dtype=self.dtype, name="fc1")(x)
-    y = _conv(self.hidden, 3, 1, groups=self.hidden, dtype=self.dtype, name="dwconv")(y)
-    y = layers.gelu(y)
-    if train and self.drop_rate > 0:
-      y = nn.Dropout(self.drop_rate, deterministic=False)(y)
-    y = _conv(c, 1, dtype=self.dtype, name="fc2")(y)
-    if train and self.drop_rate > 0:
-      y = nn.Dropout(self.drop_rate, deterministic=False)(y)
-    return y
-
-
 class MSCABlock(nn.Module):
   """BN pre-norm block with per-channel layer scales (init 1e-2)."""
   mlp_ratio: float = 4.0
@@ -125,7 +106,8 @@ class MSCABlock(nn.Module):
                              name="attn")(y)
     x = x + layers.DropPath(self.drop_path_rate)(ls1.astype(self.dtype) * y, train)
     y = layers.BatchNorm(dtype=self.dtype, name="norm2")(x, train)
-    y = Mlp(int(c * self.mlp_ratio), self.drop_rate, dtype=self.dtype, name="mlp")(y, train)
+    y = MixFFN(int(c * self.mlp_ratio), self.drop_rate, names=("fc1", "dwconv", "fc2"),
+               dtype=self.dtype, name="mlp")(y, train)
     return x + layers.DropPath(self.drop_path_rate)(ls2.astype(self.dtype) * y, train)
 
 
@@ -189,50 +171,18 @@ class MSCAN(nn.Module):
     return tuple(outs)
 
 
-def _nested_tuple(value):
-  if isinstance(value, (list, tuple)):
-    return tuple(_nested_tuple(v) for v in value)
-  return value
-
-
 def mscan_config_from_official(cfg: dict) -> dict:
   """Maps an mmseg ``MSCAN`` config onto our constructor fields."""
-  if cfg.get("type", "MSCAN") != "MSCAN":
-    raise ValueError(f"Not an MSCAN config: {cfg.get('type')!r}")
-  if cfg.get("in_channels", 3) != 3:
-    raise ValueError("Only 3-channel inputs are supported")
   if cfg.get("num_stages", 4) != 4:
     raise ValueError("MSCAN always has 4 stages here")
-  norm = cfg.get("norm_cfg", {"type": "SyncBN"})
-  if norm.get("type") not in ("BN", "SyncBN"):
-    raise ValueError(f"MSCAN norm_cfg {norm} is not supported (BN / SyncBN only)")
-  act = cfg.get("act_cfg", {"type": "GELU"})
-  if act.get("type") != "GELU":
-    raise ValueError(f"MSCAN act_cfg {act} is not supported (GELU only)")
-  return {field: _nested_tuple(cfg[field])
-          for field in ("embed_dims", "mlp_ratios", "depths", "attention_kernel_sizes",
-                        "attention_kernel_paddings", "drop_rate", "drop_path_rate")
-          if field in cfg}
+  return backbone_fields_from_official(
+      cfg, "MSCAN",
+      ("embed_dims", "mlp_ratios", "depths", "attention_kernel_sizes",
+       "attention_kernel_paddings", "drop_rate", "drop_path_rate"),
+      norm_default={"type": "SyncBN"}, norm_ok=lambda norm: norm.get("type") in ("BN", "SyncBN"),
+      norm_support="BN / SyncBN only")
 
 
-def _tuples(fields: dict) -> dict:
-  """Config lists -> tuples (nested too), so module fields stay hashable."""
-  def convert(value):
-    return tuple(convert(v) for v in value) if isinstance(value, (list, tuple)) else value
-  return {k: convert(v) for k, v in fields.items()}
-
-
-def _register_backbones():
-  @BACKBONES.register("mscan")
-  def build_mscan(**overrides):
-    """MSCAN with mmseg's constructor defaults, any field overridable."""
-    return MSCAN(**_tuples(overrides))
-
-  for size, fields in MSCAN_SIZES.items():
-    def build(_fields=fields, **overrides):
-      return MSCAN(**{**_fields, **_tuples(overrides)})
-    build.__doc__ = f"MSCAN-{size.upper()} (SegNeXt-{size.upper()} backbone)."
-    BACKBONES.register(f"mscan_{size}")(build)
-
-
-_register_backbones()
+register_backbones(
+    MSCAN, {f"mscan_{size}": fields for size, fields in MSCAN_SIZES.items()}, family="mscan",
+    doc=lambda name: f"MSCAN-{name[6:].upper()} (SegNeXt-{name[6:].upper()} backbone).")

@@ -21,7 +21,6 @@ global batch under ``jax.jit``, which is the same thing.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -29,9 +28,11 @@ import jax.numpy as jnp
 
 from offseg_jax.models import layers
 from offseg_jax.models.classifiers import classify
+from offseg_jax.models.family import (as_field, check_head_config, check_in_channels,
+                                      check_segmentor_config, register_models)
 from offseg_jax.models.mit import MIT_SIZES, MixVisionTransformer, mit_config_from_official
 from offseg_jax.models.segmentor import EncoderDecoder
-from offseg_jax.registry import HEADS, MODELS
+from offseg_jax.registry import HEADS
 
 # Official keys that carry nothing for us.
 TORCH_IGNORE = (r".*\.num_batches_tracked$",)
@@ -79,76 +80,6 @@ class SegformerHead(nn.Module):
     return logits, {}
 
 
-def _module_fields(cls) -> set[str]:
-  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-
-
-def as_field(value):
-  """Config lists -> tuples (nested too), so module fields stay hashable."""
-  if isinstance(value, (list, tuple)):
-    return tuple(as_field(v) for v in value)
-  return value
-
-
-def build_encoder_decoder(backbone_cls, backbone_fields: Mapping[str, Any], head_cls,
-                          head_fields: Mapping[str, Any],
-                          overrides: Mapping[str, Any]) -> EncoderDecoder:
-  """An ``EncoderDecoder`` with each override routed to the module that has it.
-
-  ``dtype`` goes to both modules; any other name must be a field of exactly one
-  of them, or a ``TypeError`` names the valid choices.
-  """
-  backbone_names, head_names = _module_fields(backbone_cls), _module_fields(head_cls)
-  backbone_kw, head_kw = dict(backbone_fields), dict(head_fields)
-  for key, value in overrides.items():
-    value = as_field(value)
-    if key == "dtype":
-      backbone_kw[key] = head_kw[key] = value
-    elif key in backbone_names and key in head_names:
-      raise TypeError(f"Override {key!r} is ambiguous (backbone and head both have it)")
-    elif key in backbone_names:
-      backbone_kw[key] = value
-    elif key in head_names and key != "num_classes":
-      head_kw[key] = value
-    else:
-      valid = sorted((backbone_names | head_names) - {"num_classes"})
-      raise TypeError(f"Unknown override {key!r}; valid: {valid}")
-  return EncoderDecoder(backbone=backbone_cls(**backbone_kw),
-                        decode_head=head_cls(**head_kw))
-
-
-def check_segmentor_config(cfg: Mapping[str, Any]) -> None:
-  """Rejects official segmentor configs with parts we do not port."""
-  if cfg.get("type", "EncoderDecoder") != "EncoderDecoder":
-    raise ValueError(f"Only EncoderDecoder segmentors are supported, got {cfg.get('type')!r}")
-  for part in ("neck", "auxiliary_head"):
-    if cfg.get(part):
-      raise ValueError(f"The official config has a {part!r}, which this model lacks")
-
-
-def check_head_config(head: Mapping[str, Any], norm_types: Sequence[str]) -> str:
-  """Validates the generic ``BaseDecodeHead`` options; returns our norm name."""
-  if head.get("align_corners", False):
-    raise ValueError("align_corners=True heads are not supported")
-  act = head.get("act_cfg", {"type": "ReLU"})
-  if act.get("type") != "ReLU":
-    raise ValueError(f"Head act_cfg {act} is not supported (ReLU only)")
-  if len(head.get("in_channels", ())) != len(head.get("in_index", ())):
-    raise ValueError("in_channels and in_index must have the same length")
-  norm = head.get("norm_cfg") or {}
-  if norm.get("type") not in norm_types:
-    raise ValueError(f"Head norm_cfg {norm} is not supported (expected {norm_types})")
-  return "gn" if norm["type"] == "GN" else "bn"
-
-
-def check_in_channels(head: Mapping[str, Any], widths: Sequence[int]) -> None:
-  """The head's declared ``in_channels`` must be the selected backbone widths."""
-  selected = [widths[i] for i in head["in_index"]]
-  if list(head["in_channels"]) != selected:
-    raise ValueError(f"Head in_channels {list(head['in_channels'])} do not match the "
-                     f"backbone outputs {selected} selected by in_index")
-
-
 def segformer_head_from_official(head: Mapping[str, Any], num_classes: int) -> SegformerHead:
   """Maps an mmseg ``SegformerHead`` / ``SegformerHeadOffsetLearning`` config."""
   kind = head.get("type")
@@ -184,22 +115,11 @@ def build_segformer_head(num_classes: int, **fields) -> SegformerHead:
                        **{k: as_field(v) for k, v in fields.items()})
 
 
-def _register_models():
-  for size, backbone_fields in MIT_SIZES.items():
-    for ol in (False, True):
-      head_fields = dict(channels=256, classifier="offset_learning" if ol else "conv",
-                         pool_before_classifier=ol)
-
-      def build(num_classes: int, _b=backbone_fields, _h=head_fields, **overrides):
-        return build_encoder_decoder(MixVisionTransformer, _b, SegformerHead,
-                                     dict(_h, num_classes=num_classes), overrides)
-
-      name = f"segformer_{size}" + ("_ol" if ol else "")
-      build.__doc__ = (f"SegFormer-{size.upper()}" + (
-          " + Offset Learning (max pool to 1/8, OL classifier)" if ol else
-          " (mmseg SegformerHead, conv_seg at 1/4)") + ".")
-      MODELS.register(name, from_official=segformer_from_official,
-                      torch_ignore=TORCH_IGNORE)(build)
-
-
-_register_models()
+register_models(
+    "segformer", MIT_SIZES, backbone_cls=MixVisionTransformer, head_cls=SegformerHead,
+    head_fields=lambda size, ol: dict(channels=256, pool_before_classifier=ol,
+                                      classifier="offset_learning" if ol else "conv"),
+    doc=lambda size, ol: f"SegFormer-{size.upper()}" + (
+        " + Offset Learning (max pool to 1/8, OL classifier)." if ol else
+        " (mmseg SegformerHead, conv_seg at 1/4)."),
+    from_official=segformer_from_official, torch_ignore=TORCH_IGNORE)

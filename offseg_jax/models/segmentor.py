@@ -27,6 +27,11 @@ class EncoderDecoder(nn.Module):
       initialisation only, so evaluation pays nothing for it.
     projection_source: ``(stage, index)`` of the map the projection reads;
       stage is ``'backbone'``, ``'refined'`` or ``'neck'``.
+    remat: rematerialise the whole backbone: in training, only its input and
+      output feature maps are kept for the backward pass, and its forward is
+      recomputed there (``nn.remat``), trading one extra backbone forward per
+      step for the backbone's activation memory. Parameter names, outputs and
+      gradients are unchanged, so checkpoints work either way.
   """
   backbone: nn.Module
   decode_head: nn.Module
@@ -34,10 +39,16 @@ class EncoderDecoder(nn.Module):
   refiner: Any = None
   projection: Any = None
   projection_source: Sequence[Any] = ("neck", 0)
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False, **inputs):
-    feats = tuple(self.backbone(images, train=train))
+    if self.remat and train:
+      # A lifted checkpoint over the bound backbone: same variable scope (names).
+      feats = nn.remat(lambda backbone, x: tuple(backbone(x, train=True)))(
+          self.backbone, images)
+    else:
+      feats = tuple(self.backbone(images, train=train))
     stages = {"backbone": feats}
     head_in = feats
     if self.refiner is not None:
@@ -58,3 +69,10 @@ class EncoderDecoder(nn.Module):
                          f"stage this model lacks; it has {sorted(stages)}")
       aux["embedding"] = self.projection(stages[stage][int(index)], train=train)
     return logits, aux
+
+
+def with_remat(model, remat: bool = True):
+  """``model`` with its backbone rematerialised (see ``EncoderDecoder.remat``)."""
+  if not isinstance(model, EncoderDecoder):
+    raise ValueError(f"model.remat needs an EncoderDecoder model, got {type(model).__name__}")
+  return model.clone(remat=bool(remat))

@@ -21,17 +21,18 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from einops import rearrange
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from offseg_jax.models import layers
 from offseg_jax.models.classifiers import classify
+from offseg_jax.models.family import (as_field, check_head_config, check_in_channels,
+                                      check_segmentor_config, register_models)
 from offseg_jax.models.mscan import MSCAN, MSCAN_SIZES, mscan_config_from_official
-from offseg_jax.models.segformer import (as_field, build_encoder_decoder, check_head_config,
-                                         check_in_channels, check_segmentor_config)
 from offseg_jax.models.segmentor import EncoderDecoder
-from offseg_jax.registry import HEADS, MODELS
+from offseg_jax.registry import HEADS
 
 TORCH_IGNORE = (r".*\.num_batches_tracked$",)
 
@@ -79,14 +80,13 @@ class NMF2D(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, bases=None):
-    b, h, w, c = x.shape
+    b, h, _, c = x.shape
     if c % self.S:
       raise ValueError(f"{c} channels not divisible into S={self.S} groups")
-    d, n = c // self.S, h * w
-    # (B, H, W, S*D) -> (B*S, N, D); channel s*D + j is entry j of group s, as
-    # torch's view of (B, C, H, W) as (B*S, D, N).
-    xt = x.astype(jnp.float32).reshape(b, n, self.S, d).transpose(0, 2, 1, 3)
-    xt = xt.reshape(b * self.S, n, d)
+    d = c // self.S
+    # x^T of every group: (B, H, W, S*D) -> (B*S, N, D), N = H*W; channel s*D + j
+    # is entry j of group s, as torch's view of (B, C, H, W) as (B*S, D, N).
+    xt = rearrange(x.astype(jnp.float32), "b h w (s d) -> (b s) (h w) d", s=self.S)
     if bases is None:
       bases = self.draw_bases(b, d)
     elif bases.shape != (b * self.S, d, self.R):
@@ -109,9 +109,8 @@ class NMF2D(nn.Module):
       coef = update_coef(bases, coef)
       bases = update_bases(bases, coef)
     coef = update_coef(bases, coef)
-    out = coef @ bases.transpose(0, 2, 1)                      # (BS, N, D)
-    out = out.reshape(b, self.S, n, d).transpose(0, 2, 1, 3).reshape(b, h, w, c)
-    return out
+    out = coef @ bases.transpose(0, 2, 1)                      # (U V^T)^T: (BS, N, D)
+    return rearrange(out, "(b s) (h w) d -> b h w (s d)", b=b, h=h)
 
 
 class Hamburger(nn.Module):
@@ -240,22 +239,12 @@ HEAD_SIZES = {
 SEGNEXT_HAM = dict(MD_S=1, MD_R=16, train_steps=6, eval_steps=7)
 
 
-def _register_models():
-  for size, backbone_fields in MSCAN_SIZES.items():
-    for ol in (False, True):
-      head_fields = dict(HEAD_SIZES[size], in_index=(1, 2, 3), ham_kwargs=SEGNEXT_HAM,
-                         classifier="offset_learning" if ol else "conv")
-
-      def build(num_classes: int, _b=backbone_fields, _h=head_fields, **overrides):
-        return build_encoder_decoder(MSCAN, _b, LightHamHead,
-                                     dict(_h, num_classes=num_classes), overrides)
-
-      name = f"segnext_{size}" + ("_ol" if ol else "")
-      build.__doc__ = (f"SegNeXt-{size.upper()}" + (
-          " + Offset Learning (LightHamHeadOffsetLearning)" if ol else
-          " (mmseg LightHamHead, conv_seg)") + ", logits at 1/8.")
-      MODELS.register(name, from_official=segnext_from_official,
-                      torch_ignore=TORCH_IGNORE)(build)
-
-
-_register_models()
+register_models(
+    "segnext", MSCAN_SIZES, backbone_cls=MSCAN, head_cls=LightHamHead,
+    head_fields=lambda size, ol: dict(HEAD_SIZES[size], in_index=(1, 2, 3),
+                                      ham_kwargs=SEGNEXT_HAM,
+                                      classifier="offset_learning" if ol else "conv"),
+    doc=lambda size, ol: f"SegNeXt-{size.upper()}" + (
+        " + Offset Learning (LightHamHeadOffsetLearning)" if ol else
+        " (mmseg LightHamHead, conv_seg)") + ", logits at 1/8.",
+    from_official=segnext_from_official, torch_ignore=TORCH_IGNORE)

@@ -79,18 +79,19 @@ class _PixelBackbone(nn.Module):
 class _PixelMLPHead(nn.Module):
   num_classes: int
   hidden: int = 64
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, feats, train: bool = False):
     del train
-    x = nn.relu(layers.Conv2d(self.hidden, 1, name="fc1")(feats[0]))
-    x = nn.relu(layers.Conv2d(self.hidden, 1, name="fc2")(x))
-    return layers.Conv2d(self.num_classes, 1, name="conv_seg")(x), {}
+    x = nn.relu(layers.Conv2d(self.hidden, 1, dtype=self.dtype, name="fc1")(feats[0]))
+    x = nn.relu(layers.Conv2d(self.hidden, 1, dtype=self.dtype, name="fc2")(x))
+    logits = layers.Conv2d(self.num_classes, 1, dtype=self.dtype, name="conv_seg")(x)
+    return logits.astype(jnp.float32), {}
 
 
 @MODELS.register("pixel_linear")
 def pixel_linear(num_classes: int, hidden: int = 64, dtype=jnp.float32):
   """Per-pixel colour classifier: 1x1 convolutions only (no spatial context)."""
-  del dtype
   return segmentor.EncoderDecoder(backbone=_PixelBackbone(),
-                                  decode_head=_PixelMLPHead(num_classes, hidden))
+                                  decode_head=_PixelMLPHead(num_classes, hidden, dtype))

@@ -33,7 +33,7 @@ from ml_collections import config_flags
 from input_pipeline import datasets
 from offseg_jax import losses, optim, train
 from offseg_jax.evaluation import inference
-from offseg_jax.models import build_model, layers
+from offseg_jax.models import build_model, construction, layers
 
 FLAGS = flags.FLAGS
 
@@ -83,7 +83,7 @@ def benchmark(config, *, batch: int = 8, dtype: str = "float32", steps: int = 20
   device = jax.local_devices()[0]
   rng = jax.random.PRNGKey(int(config.get("seed", 0)))
   with jax.default_device(device):
-    variables = jax.jit(functools.partial(train.init_variables, model, config))(rng)
+    variables = jax.jit(functools.partial(construction.init_variables, model, config))(rng)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
   results: dict[str, Any] = {
       "model": config.model.name, "num_classes": num_classes, "params_M": num_params / 1e6,

@@ -10,9 +10,11 @@ Three FLOP figures are reported for the eval forward of one image:
 * ``xla_gflops``: XLA's cost analysis of the compiled forward, which counts one
   multiply-add as 2 FLOPs (plus elementwise ops) and skips padded taps;
   ``xla_gmacs`` = ``xla_gflops / 2`` is the "1 MAC = 1 FLOP" reading.
-* ``conv_gmacs``: multiply-adds of the convolutions only, from the traced
-  program (``N*Ho*Wo*Cout*(Cin/groups)*kh*kw`` per ``conv_general_dilated``,
-  padded taps included as torch counters do).
+* ``conv_gmacs``: multiply-adds of the convolutions as the official code has
+  them, from the traced program (``N*Ho*Wo*Cout*(Cin/groups)*kh*kw`` per
+  ``conv_general_dilated``, padded taps included as torch counters do), plus
+  the matrix products of modules that are convolutions in the official code
+  (EfficientFormerV2's talking heads, see ``TORCH_CONVS_AS_MATMULS``).
 * ``matmul_gmacs``: convolutions plus every matrix product (``dot_general``).
 
 The published numbers follow two conventions (``shared/parity/figures.json``):
@@ -20,18 +22,25 @@ OffSeg's GFLOPs equal ``conv_gmacs``; SegFormer-OL's and SegNeXt-OL's equal
 mmengine's counter, which counts the MACs of convolutions, linears and matmuls
 plus small norm/activation terms -- ``matmul_gmacs`` is that count minus those
 terms (about 1.5 % lower). ``paper_gflops`` reports the figure in the
-convention of the model's family.
+convention of the model's family (:func:`paper_gmacs`, which
+``tools.complexity_table`` uses as well, so both tools print one figure).
+
+:func:`parameter_table` is the per-parameter table (clu's parameter overview)
+that the trainer logs at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from typing import Any, Callable
 
+from clu import parameter_overview
 import flax
 import jax
 import jax.extend as jex
@@ -40,16 +49,21 @@ import jax.numpy as jnp
 from offseg_jax import models
 from offseg_jax.models import layers
 
+_MMENGINE = ("paper GFLOPs = mmengine's counter (MACs of convs, linears and matmuls + "
+             "~1.5 % norm/activation terms); reported: conv + matmul GMACs")
 # Paper convention per model family (name prefix): (figure used, explanation).
 PAPER_CONVENTIONS = {
-    "offseg": ("conv_gmacs", "OffSeg paper GFLOPs = GMACs of the convolutions only"),
-    "segformer": ("matmul_gmacs", "paper GFLOPs = mmengine's counter (MACs of convs, linears "
-                                  "and matmuls + ~1.5 % norm/activation terms); reported: "
-                                  "conv + matmul GMACs"),
-    "segnext": ("matmul_gmacs", "paper GFLOPs = mmengine's counter (MACs of convs, linears "
-                                "and matmuls + ~1.5 % norm/activation terms); reported: "
-                                "conv + matmul GMACs"),
+    "offseg": ("conv_gmacs", "OffSeg paper GFLOPs = GMACs of the convolutions only "
+                             "(EfficientFormerV2's talking heads are convolutions there)"),
+    "segformer": ("matmul_gmacs", _MMENGINE),
+    "segnext": ("matmul_gmacs", _MMENGINE),
 }
+
+# Modules that the official (torch) code runs as convolutions and ours as
+# matrix products: EfficientFormerV2's talking heads, 1x1 Conv2d layers across
+# the head axis there, an einsum here. Matched on the module path that flax
+# puts in the traced program's name stack.
+TORCH_CONVS_AS_MATMULS = re.compile(r"(^|/)talking_head[12](/|$)")
 
 
 # ----------------------------------------------------------------------------
@@ -121,6 +135,68 @@ def matmul_macs(jaxpr) -> int:
   return sum(totals.values())
 
 
+def _torch_conv_dot_macs(eqn) -> int:
+  if TORCH_CONVS_AS_MATMULS.search(str(eqn.source_info.name_stack)):
+    return _dot_macs(eqn)
+  return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MacCounts:
+  """Multiply-adds of one traced forward.
+
+  Attributes:
+    conv: the convolutions as the official code has them (ours plus the
+      matrix products of ``TORCH_CONVS_AS_MATMULS`` modules).
+    matmul: every convolution and matrix product.
+  """
+  conv: int
+  matmul: int
+
+
+def forward_macs(jaxpr, notes: set | None = None) -> MacCounts:
+  """The conv and conv + matmul counts of a traced forward, in torch's convention."""
+  totals = count_macs(jaxpr, {"conv_general_dilated": _conv_macs, "dot_general": _dot_macs},
+                      notes)
+  as_conv = count_macs(jaxpr, {"dot_general": _torch_conv_dot_macs})["dot_general"]
+  return MacCounts(conv=totals["conv_general_dilated"] + as_conv,
+                   matmul=totals["conv_general_dilated"] + totals["dot_general"])
+
+
+def paper_gmacs(model_name: str, counts: MacCounts) -> float | None:
+  """The model's GFLOPs in its paper's convention (None for other families).
+
+  The one definition of the "paper convention" figure: ``analyze`` and
+  ``tools.complexity_table`` both report this.
+  """
+  convention = PAPER_CONVENTIONS.get(_family(model_name))
+  if convention is None:
+    return None
+  return (counts.conv if convention[0] == "conv_gmacs" else counts.matmul) / 1e9
+
+
+def trace_forward(model, size, batch: int = 1):
+  """``(jaxpr, variables, forward, images)`` of ``model``'s eval forward, by tracing.
+
+  ``variables`` and ``images`` are abstract (shapes only); ``forward(v, x)``
+  applies the model with the rng streams some models draw from in eval
+  (SegNeXt's NMF bases; their values do not change any count).
+  """
+  height, width = int(size[0]), int(size[1])
+  images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  rngs = {"ham": jax.random.key(1), "dropout": jax.random.key(2)}
+
+  def forward(v, x):
+    return model.apply(v, x, train=False, rngs=rngs)
+
+  # Count convolutions as convolutions: on CPU, depthwise convs are otherwise
+  # traced as shifted multiply-adds (offseg_jax.models.layers.depthwise_impl).
+  with layers.depthwise_impl("conv"):
+    jaxpr = jax.make_jaxpr(forward)(variables, images)
+  return jaxpr, variables, forward, images
+
+
 def xla_flops(fn: Callable, *args) -> float:
   """XLA's FLOP count of ``jit(fn)`` (1 multiply-add = 2 FLOPs) for these args."""
   cost = jax.jit(fn).lower(*args).compile().cost_analysis()
@@ -145,6 +221,16 @@ def param_counts(params) -> dict[str, int]:
   unused = sum(math.prod(v.shape) for p, v in flat.items()
                if "conv_seg" in p and p[:p.index("conv_seg")] in scopes_with_ol)
   return {"params": int(total), "unused_conv_seg_params": int(unused)}
+
+
+def parameter_table(params) -> str:
+  """One row per parameter (path, shape, dtype, size) and the total, as text.
+
+  ``params`` may be concrete or abstract (``jax.eval_shape`` output): the table
+  lists shapes only, so it never reads parameter values.
+  """
+  params = flax.core.unfreeze(params)
+  return parameter_overview.get_parameter_overview(params, include_stats=False)
 
 
 # ----------------------------------------------------------------------------
@@ -186,22 +272,9 @@ def analyze(model_name: str, num_classes: int = 150, size=(512, 512), batch: int
   if model is None:
     model = models.build_model({"name": model_name}, num_classes)
   height, width = int(size[0]), int(size[1])
-  images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-  # Streams some models draw from in eval (SegNeXt's NMF bases); the values
-  # do not change the counts.
-  rngs = {"ham": jax.random.key(1), "dropout": jax.random.key(2)}
-
-  def forward(v, x):
-    return model.apply(v, x, train=False, rngs=rngs)
-
-  # Count convolutions as convolutions: on CPU, depthwise convs are otherwise
-  # traced as shifted multiply-adds (offseg_jax.models.layers.depthwise_impl).
-  with layers.depthwise_impl("conv"):
-    jaxpr = jax.make_jaxpr(forward)(variables, images)
+  jaxpr, variables, forward, images = trace_forward(model, (height, width), batch)
   notes: set[str] = set()
-  counts = count_macs(jaxpr, {"conv_general_dilated": _conv_macs, "dot_general": _dot_macs},
-                      notes)
+  counts = forward_macs(jaxpr, notes)
   params = param_counts(variables["params"])
   result: dict[str, Any] = {
       "model": model_name, "num_classes": num_classes, "input": [batch, height, width, 3],
@@ -209,13 +282,14 @@ def analyze(model_name: str, num_classes: int = 150, size=(512, 512), batch: int
       "params_without_unused_conv_seg_M":
           (params["params"] - params["unused_conv_seg_params"]) / 1e6,
       "unused_conv_seg_params": params["unused_conv_seg_params"],
-      "conv_gmacs": counts["conv_general_dilated"] / 1e9,
-      "matmul_gmacs": (counts["conv_general_dilated"] + counts["dot_general"]) / 1e9,
+      "conv_gmacs": counts.conv / 1e9,
+      "matmul_gmacs": counts.matmul / 1e9,
       "conventions": {
           "xla_gflops": "XLA cost analysis: 1 multiply-add = 2 FLOPs, elementwise ops "
                         "1 FLOP, padded taps skipped",
           "xla_gmacs": "xla_gflops / 2: 1 MAC = 1 FLOP",
-          "conv_gmacs": "convolution multiply-adds, padded taps included",
+          "conv_gmacs": "multiply-adds of the convolutions of the official code, padded "
+                        "taps included",
           "matmul_gmacs": "conv_gmacs + matrix-product (dot_general) multiply-adds",
       },
       "notes": sorted(notes),
@@ -227,7 +301,7 @@ def analyze(model_name: str, num_classes: int = 150, size=(512, 512), batch: int
   convention = PAPER_CONVENTIONS.get(_family(model_name))
   if convention:
     result["paper_convention"] = convention[1]
-    result["paper_gflops"] = result[convention[0]]
+    result["paper_gflops"] = paper_gmacs(model_name, counts)
   reference = _reference(model_name, height, width, batch)
   if reference:
     result["reference_512x512"] = reference

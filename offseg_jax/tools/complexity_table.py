@@ -19,6 +19,9 @@ Paper conventions (checked against the official counters in
 * OffSeg (Table 2): GMACs of the convolutions only. EfficientFormerV2's
   talking-head mixers are 1x1 ``Conv2d`` layers in the official code (we
   compute them as an einsum), so they count as convolutions here.
+
+Both conventions are ``complexity.paper_gmacs``, the figure that
+``python -m offseg_jax.tools.complexity`` prints as well.
 * SegFormer (Table 4) and SegNeXt (Table 3), with and without OL: mmengine's
   counter, i.e. the MACs of convolutions, linears and matrix products plus
   small norm/activation terms; we report conv + matmul GMACs, which run about
@@ -33,16 +36,11 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import re
 import signal
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-
 from offseg_jax import models
-from offseg_jax.models import layers
 from offseg_jax.tools import complexity
 
 TOLERANCE = 0.03
@@ -125,17 +123,6 @@ EXPLAINED = {
     **{("segnext_b", s): ("reused", "b_inconsistent") for s in SETTINGS},
 }
 
-# Modules that are torch convolutions in the official code but matrix products
-# in ours (EfficientFormerV2's talking heads, 1x1 Conv2d across heads).
-_CONV_AS_MATMUL = re.compile(r"(^|/)talking_head[12](/|$)")
-
-
-def _torch_conv_matmul_macs(eqn) -> int:
-  if _CONV_AS_MATMUL.search(str(eqn.source_info.name_stack)):
-    return complexity._dot_macs(eqn)  # pylint: disable=protected-access
-  return 0
-
-
 @dataclasses.dataclass(frozen=True)
 class Counts:
   params: int
@@ -172,25 +159,17 @@ def count(model_name: str, num_classes: int, size: tuple[int, int]) -> Counts:
   """Parameters and MACs of one image's eval forward, by tracing only."""
   start = time.perf_counter()
   model = models.build_model({"name": model_name}, num_classes)
-  images = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-  # SegNeXt's NMF draws its bases from 'ham' in eval; values do not matter here.
-  rngs = {"ham": jax.random.key(1), "dropout": jax.random.key(2)}
-  with layers.depthwise_impl("conv"):      # depthwise convs count as convolutions
-    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False, rngs=rngs))(
-        variables, images)
-  conv = complexity.conv_macs(jaxpr)
-  conv_as_matmul = complexity.count_macs(
-      jaxpr, {"dot_general": _torch_conv_matmul_macs})["dot_general"]
+  jaxpr, variables, _, _ = complexity.trace_forward(model, size)
+  macs = complexity.forward_macs(jaxpr)
   return Counts(params=complexity.param_counts(variables["params"])["params"],
-                conv_macs=conv + conv_as_matmul, matmul_macs=complexity.matmul_macs(jaxpr),
+                conv_macs=macs.conv, matmul_macs=macs.matmul,
                 seconds=time.perf_counter() - start)
 
 
 def paper_gmacs(model_name: str, counts: Counts) -> float:
-  """Our count in the convention of the model's paper table."""
-  macs = counts.conv_macs if model_name.startswith("offseg") else counts.matmul_macs
-  return macs / 1e9
+  """Our count in the convention of the model's paper table (``complexity.paper_gmacs``)."""
+  return complexity.paper_gmacs(model_name, complexity.MacCounts(counts.conv_macs,
+                                                                 counts.matmul_macs))
 
 
 # ----------------------------------------------------------------------------
@@ -271,6 +250,8 @@ def to_markdown(rows: list[Row], command: str) -> str:
       "- **SegFormer / SegNeXt GFLOPs** (with or without OL) = mmengine's counter: MACs of "
       "convolutions, linears and matrix products plus small norm/activation terms. Ours is "
       "conv + matmul GMACs, which runs about 1.5 % below mmengine's figure.",
+      "- The *paper convention* column is `complexity.paper_gmacs`, the same figure that "
+      "`python -m offseg_jax.tools.complexity` prints as \"paper convention\".",
       "- Inputs: 512x512 for ADE20K (150 classes), COCO-Stuff (171) and Pascal-Context-59 "
       "(59); 2048x1024 for Cityscapes (19). One image, eval forward.",
       f"- *agrees*: ours / paper within {TOLERANCE:.0%}.",

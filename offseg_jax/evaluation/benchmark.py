@@ -1,0 +1,183 @@
+r"""Evaluation throughput and compile count on a fake ADE20K validation split.
+
+  python -m offseg_jax.evaluation.benchmark --devices=8 [--model=tiny] \
+      [--images=64] [--mode=whole] [--batch=8] [--workdir=/tmp/offseg_evalbench]
+
+Writes (once) an ADE20K folder layout of ``--images`` JPEG images with label
+PNGs of varied sizes: with ``--sizes=distinct`` (default) every image has its
+own size (short side 256-640, aspect ratio 1:2-2:1, as ADE20K's validation
+images, which come in hundreds of sizes); ``--sizes=pool`` draws them from 16
+sizes (4 images each). It then evaluates a
+randomly initialised ``--model`` on it with the ADE20K test pipeline (short side
+resized to 512, long side at most 2048) on ``--devices`` simulated CPU devices
+(``--xla_force_host_platform_device_count``, set before JAX starts), and prints
+one JSON line: XLA compiles and their seconds, and images/s of a cold
+evaluation (compiles included, what a user waits for) and of a warm one (the
+second evaluation of a training run).
+
+``--impl=runner`` times the per-image runner of earlier versions: run this file
+(``python /path/to/benchmark.py``) with ``PYTHONPATH`` pointing at such a tree;
+``auto`` picks the batched evaluator when the package has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+SIZES = ((512, 683), (683, 512), (512, 512), (384, 512), (512, 768), (375, 500),
+         (256, 341), (480, 640), (600, 450), (768, 512), (427, 640), (512, 640),
+         (333, 500), (640, 480), (300, 400), (720, 540))
+
+
+def image_sizes(num_images: int, kind: str, rng) -> list[tuple[int, int]]:
+  """Original (h, w) sizes: a shuffled pool of 16, or all distinct ADE-like ones."""
+  if kind == "pool":
+    sizes = [SIZES[i % len(SIZES)] for i in range(num_images)]
+    rng.shuffle(sizes)
+    return sizes
+  sizes = []
+  while len(sizes) < num_images:
+    short = int(rng.integers(256, 641))
+    ratio = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+    size = (short, int(round(short * ratio))) if ratio >= 1 else (int(round(short / ratio)), short)
+    if size not in sizes:
+      sizes.append(size)
+  return sizes
+
+
+def write_fake_ade(root: str, num_images: int, kind: str = "distinct", seed: int = 0) -> str:
+  """An ADEChallengeData2016 validation layout under ``root/kind``; returns it."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  root = os.path.join(root, kind)
+  img_dir = os.path.join(root, "ADEChallengeData2016", "images", "validation")
+  ann_dir = os.path.join(root, "ADEChallengeData2016", "annotations", "validation")
+  marker = os.path.join(root, f"complete_{num_images}_{seed}")
+  if os.path.exists(marker):
+    return root
+  os.makedirs(img_dir, exist_ok=True)
+  os.makedirs(ann_dir, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  sizes = image_sizes(num_images, kind, rng)
+  for i, (h, w) in enumerate(sizes):
+    # Blocky labels with a few classes per image (0 = ignore in ADE's files).
+    cells = rng.integers(0, 151, (max(h // 64, 1) + 1, max(w // 64, 1) + 1)).astype(np.uint8)
+    label = cv2.resize(cells, (w, h), interpolation=cv2.INTER_NEAREST)
+    image = (rng.normal(0, 20, (h, w, 3)) + label[..., None] * 1.5 + 40).clip(0, 255)
+    name = f"ADE_val_{i:08d}"
+    cv2.imwrite(os.path.join(img_dir, name + ".jpg"), image.astype(np.uint8))
+    cv2.imwrite(os.path.join(ann_dir, name + ".png"), label)
+  open(marker, "w").close()
+  return root
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices")
+  parser.add_argument("--model", default="tiny", help="registered model name")
+  parser.add_argument("--images", type=int, default=64)
+  parser.add_argument("--sizes", default="distinct", choices=("distinct", "pool"))
+  parser.add_argument("--mode", default="whole", choices=("whole", "slide"))
+  parser.add_argument("--batch", type=int, default=8, help="global eval batch")
+  parser.add_argument("--impl", default="auto", choices=("auto", "runner", "evaluator"))
+  parser.add_argument("--workdir", default="/tmp/offseg_evalbench")
+  parser.add_argument("--warm", type=int, default=1, help="timed repeat evaluations")
+  parser.add_argument("--buckets_per_octave", type=int, default=None,
+                      help="config.eval.buckets_per_octave (evaluator only; 0 = exact sizes)")
+  parser.add_argument("--save", default=None, help="write the confusion matrix (.npy) here")
+  args = parser.parse_args(argv)
+
+  # Simulated devices must be configured before JAX initialises its backend.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={args.devices}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import monitoring  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.ERROR)
+
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  from input_pipeline import datasets  # pylint: disable=g-import-not-at-top
+
+  compiles = {"count": 0, "seconds": 0.0}
+
+  def on_duration(event, seconds, **kwargs):
+    del kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles["count"] += 1
+      compiles["seconds"] += seconds
+
+  monitoring.register_event_duration_secs_listener(on_duration)
+
+  root = write_fake_ade(args.workdir, args.images, args.sizes)
+  config = common.base_config()
+  config.model = common.model_config(args.model)
+  config.data = common.data_config("ade20k", root=os.path.join(root, "ADEChallengeData2016"),
+                                   num_threads=2)
+  config.eval.mode = args.mode
+  config.eval.batch_size = args.batch
+  if args.buckets_per_octave is not None:
+    config.eval.buckets_per_octave = args.buckets_per_octave
+  info = datasets.dataset_info(config.data)
+
+  impl = args.impl
+  try:
+    from offseg_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+    from offseg_jax.models import construction  # pylint: disable=g-import-not-at-top
+    create_model, init_variables = construction.create_model, construction.init_variables
+  except ImportError:
+    evaluator_lib = None
+    from offseg_jax import train  # pylint: disable=g-import-not-at-top
+    create_model, init_variables = train.create_model, train.init_variables
+  if impl == "auto":
+    impl = "evaluator" if evaluator_lib is not None else "runner"
+  if impl == "evaluator" and evaluator_lib is None:
+    sys.exit("--impl=evaluator: this offseg_jax has no batched evaluator")
+
+  model = create_model(config, info.num_classes)
+  variables = jax.jit(functools.partial(init_variables, model, config))(jax.random.PRNGKey(0))
+  jax.block_until_ready(variables)
+  base = dict(compiles)
+
+  if impl == "runner":
+    from offseg_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+
+    def run_once():
+      return runner.evaluate_model(model, variables, config, progress=False)[1]
+  else:
+    ev = evaluator_lib.Evaluator(model, config)
+
+    def run_once():
+      return ev.evaluate(variables).confusion
+
+  timings = []
+  for _ in range(1 + max(args.warm, 0)):
+    start = time.perf_counter()
+    confusion = run_once()
+    timings.append(time.perf_counter() - start)
+    if len(timings) == 1:
+      cold = {"count": compiles["count"] - base["count"],
+              "seconds": compiles["seconds"] - base["seconds"]}
+  result = {
+      "impl": impl, "model": args.model, "devices": jax.device_count(), "mode": args.mode,
+      "images": args.images, "sizes": args.sizes, "batch": args.batch, "labelled_pixels": int(confusion.sum()),
+      "compiles": cold["count"], "compile_s": round(cold["seconds"], 2),
+      "warm_compiles": compiles["count"] - base["count"] - cold["count"],
+      "cold_s": round(timings[0], 2), "cold_images_per_s": round(args.images / timings[0], 2),
+      "warm_s": round(min(timings[1:]), 2) if len(timings) > 1 else None,
+      "warm_images_per_s": (round(args.images / min(timings[1:]), 2)
+                            if len(timings) > 1 else None)}
+  if args.save:
+    np.save(args.save, confusion)
+  print(json.dumps(result), flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main()
