@@ -40,8 +40,7 @@ from input_pipeline import datasets, image_io, loader
 from offseg_jax import checkpointing, losses, optim
 from offseg_jax.evaluation import evaluator as evaluator_lib
 from offseg_jax.evaluation import metrics as metrics_lib
-from offseg_jax.models.construction import create_model, init_variables
-from offseg_jax.tools import complexity
+from offseg_jax.models.construction import create_model, init_variables, parameter_table
 
 # Train state: a plain dict pytree (big_vision style), saved whole by orbax.
 State = dict[str, Any]
@@ -343,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:      # the per-parameter table goes to a file, not the log
     table_path = os.path.join(workdir, "parameters.txt")
     with open(table_path, "w") as f:
-      f.write(complexity.parameter_table(abstract_vars["params"]) + "\n")
+      f.write(parameter_table(abstract_vars["params"]) + "\n")
     _log(f"parameter table: {table_path}")
 
   # --- Checkpoints: resume, or initialise (optionally from converted weights). -

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from clu import parameter_overview
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -68,3 +70,13 @@ def size_divisor(model) -> int:
     if value:
       divisor = math.lcm(divisor, int(value))
   return divisor
+
+
+def parameter_table(params) -> str:
+  """One row per parameter (path, shape, dtype, size) and the total, as text.
+
+  ``params`` may be concrete or abstract (``jax.eval_shape`` output): the table
+  lists shapes only, so it never reads parameter values.
+  """
+  params = flax.core.unfreeze(params)
+  return parameter_overview.get_parameter_overview(params, include_stats=False)

@@ -25,8 +25,8 @@ terms (about 1.5 % lower). ``paper_gflops`` reports the figure in the
 convention of the model's family (:func:`paper_gmacs`, which
 ``tools.complexity_table`` uses as well, so both tools print one figure).
 
-:func:`parameter_table` is the per-parameter table (clu's parameter overview)
-that the trainer logs at start-up.
+:func:`parameter_table` (from ``models.construction``) is the per-parameter table
+(clu's parameter overview) that the trainer writes to WORKDIR/parameters.txt.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import re
 import sys
 from typing import Any, Callable
 
-from clu import parameter_overview
 import flax
 import jax
 import jax.extend as jex
@@ -48,6 +47,7 @@ import jax.numpy as jnp
 
 from offseg_jax import models
 from offseg_jax.models import layers
+from offseg_jax.models.construction import parameter_table  # noqa: F401  (re-exported)
 
 _MMENGINE = ("paper GFLOPs = mmengine's counter (MACs of convs, linears and matmuls + "
              "~1.5 % norm/activation terms); reported: conv + matmul GMACs")
@@ -221,16 +221,6 @@ def param_counts(params) -> dict[str, int]:
   unused = sum(math.prod(v.shape) for p, v in flat.items()
                if "conv_seg" in p and p[:p.index("conv_seg")] in scopes_with_ol)
   return {"params": int(total), "unused_conv_seg_params": int(unused)}
-
-
-def parameter_table(params) -> str:
-  """One row per parameter (path, shape, dtype, size) and the total, as text.
-
-  ``params`` may be concrete or abstract (``jax.eval_shape`` output): the table
-  lists shapes only, so it never reads parameter values.
-  """
-  params = flax.core.unfreeze(params)
-  return parameter_overview.get_parameter_overview(params, include_stats=False)
 
 
 # ----------------------------------------------------------------------------
