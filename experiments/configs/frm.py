@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import common, default, official
+from experiments.configs import default, official
 
 VARIANTS = ("b0", "b1", "b2")
 DATASETS = ("cityscapes", "bdd100k", "synthetic")
@@ -73,19 +73,10 @@ def get_config(arg: str | None = None):
                                                   max_views=12)
     return c
   schedule = official.Schedule(160_000, 16_000, per_gpu_batch=1)
-  if choice.dataset == "cityscapes":
-    c = official.experiment_config(model_name=model, dataset="cityscapes",
-                                   schedule=schedule, eval_mode="slide")
-  else:
-    c = common.base_config()
-    c.batch_size = schedule.batch_size
-    c.total_steps = schedule.total_steps
-    c.eval_every = c.checkpoint_every = schedule.eval_every
-    c.model = common.model_config(model)
-    c.data = common.data_config("bdd100k")
-    c.eval.mode = "whole"
-    c.eval.crop_size = c.data.crop_size
-    c.eval.stride = c.data.crop_size
-    c.eval.size_divisor = 32
+  # BDD100K's 1280x720 frames are scored whole, padded to 32.
+  whole = choice.dataset == "bdd100k"
+  c = official.experiment_config(model_name=model, dataset=choice.dataset, schedule=schedule,
+                                 eval_mode="whole" if whole else "slide",
+                                 size_divisor=32 if whole else 0)
   c.losses.pixel_contrastive = contrastive_loss(warmup_steps=5000)
   return c

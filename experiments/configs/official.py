@@ -34,6 +34,7 @@ CROP_SIZE = {
     "coco_stuff164k": (512, 512),
     "cityscapes": (1024, 1024),
     "pascal_context59": (480, 480),
+    "bdd100k": (512, 1024),
 }
 
 # Slide-inference stride (h, w) per dataset.
@@ -42,6 +43,7 @@ SLIDE_STRIDE = {
     "coco_stuff164k": (480, 480),
     "cityscapes": (768, 768),
     "pascal_context59": (320, 320),
+    "bdd100k": (384, 768),
 }
 
 
