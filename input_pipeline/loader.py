@@ -1,10 +1,26 @@
-"""grain loaders: per-process shards -> host batches -> global sharded jax.Arrays.
+"""grain loaders: one global order -> per-process rows -> global sharded jax.Arrays.
 
-Training: indices are sharded per process, shuffled per epoch, repeated forever;
-each example's augmentation randomness comes from ``(seed, epoch, index)``, so the
-data order and the augmentation are a pure function of the seed and position.
-The iterator's state (grain ``get_state``) is saved in every checkpoint, so a
-resumed run sees exactly the examples an uninterrupted run would have seen.
+Training (:func:`train_dataset`): one global example order, the same for any
+number of processes. Epoch ``e`` is a permutation of ``range(n)`` (grain's
+``shuffle(seed=config.seed)`` + ``repeat(None)``: epoch ``e`` is shuffled with
+seed ``config.seed + e``); global position ``g`` is the ``g``-th element of that
+endless order, the global batch of step ``s`` is positions ``[s*B, (s+1)*B)``
+(``B = config.batch_size``), and process ``p`` of ``P`` loads rows
+``[p*b, (p+1)*b)`` of it (``b = B / P``), the rows
+``jax.make_array_from_process_local_data`` places on that process's devices.
+Each example's augmentation randomness comes from ``(seed, epoch, index)`` with
+the global epoch ``g // n``. So the batches, and every pixel in them, are a pure
+function of the seed and the step: 1 process x 8 devices and 2 processes x 4
+devices train on the same global batches (with one process this is also the
+stream earlier versions of this loader gave).
+
+Resumption: the data position comes from the train step, not from saved
+iterator state: build the dataset with ``start_step=<restored step>``; a run
+saved with any number of processes continues the same example order with any
+other. The iterator stays checkpointable by grain (``get_state`` /
+``set_state``), and its ``next_index`` is the absolute global step on every
+process, so restoring a state saved by this loader agrees with ``start_step``;
+it is not needed.
 
 Host -> device transfer (``config.transfer_dtype``): with ``'uint8'`` (default)
 a training batch is ``{'image' uint8, 'label' uint8, 'valid_hw' int32 (B, 2)}``,
@@ -22,6 +38,7 @@ processes and devices.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Iterator
 
 import grain
@@ -35,11 +52,17 @@ from input_pipeline import datasets, transforms
 
 @dataclasses.dataclass
 class _TrainExample:
-  """Picklable per-example training function (used by grain worker threads)."""
+  """Picklable per-example training function (used by grain worker threads).
+
+  Called with ``(position, index)``: the global position in the training order
+  and the example index there; the augmentation RNG is seeded with
+  ``(seed, epoch, index)``, ``epoch = position // num_examples`` (the global
+  epoch, whatever the number of processes).
+  """
   source: object
   data_config: object
   seed: int
-  shard_len: int
+  num_examples: int
   transfer: str = "uint8"
 
   def __post_init__(self):
@@ -51,10 +74,11 @@ class _TrainExample:
       # Normalise, then pad the float image with 0 and the label with 255.
       self.finalize = transforms.build_train_finalize(self.data_config)
 
-  def __call__(self, position: int, index: int):
-    epoch = position // self.shard_len
-    rng = np.random.default_rng([self.seed, epoch, int(index)])
-    example = self.finalize(self.transform(self.source[int(index)], rng))
+  def __call__(self, element):
+    position, index = int(element[0]), int(element[1])
+    epoch = position // self.num_examples
+    rng = np.random.default_rng([self.seed, epoch, index])
+    example = self.finalize(self.transform(self.source[index], rng))
     if self.transfer == "uint8":
       return example
     return {"image": example["image"].astype(np.float32),
@@ -125,37 +149,135 @@ def batch_spec(config, num_examples: int | None = None) -> dict:
   return {"image": ((b, h, w, 3), np.float32), "label": ((b, h, w), np.int32)}
 
 
-def local_batch_size(global_batch: int) -> int:
-  """The per-process share of a global batch (must divide evenly)."""
-  pc = jax.process_count()
+def local_batch_size(global_batch: int, process_count: int | None = None) -> int:
+  """The per-process share of a global batch (must divide evenly).
+
+  ``process_count`` defaults to ``jax.process_count()``.
+  """
+  pc = jax.process_count() if process_count is None else int(process_count)
   if global_batch % pc:
-    raise ValueError(f"global batch_size={global_batch} is not divisible by "
-                     f"{pc} processes")
+    raise ValueError(f"config.batch_size={global_batch} is not divisible by the "
+                     f"process count {pc}")
   return global_batch // pc
 
 
-def train_dataset(config, source=None) -> grain.IterDataset:
+def train_order(num_examples: int, seed: int) -> grain.MapDataset:
+  """The global training order: element ``g`` is the example index at position ``g``.
+
+  Endless; epoch ``e`` (positions ``[e*n, (e+1)*n)``) is a permutation of
+  ``range(n)``, a deterministic function of ``(seed, e)`` (grain shuffles epoch
+  ``e`` with seed ``seed + e``).
+  """
+  return grain.MapDataset.range(int(num_examples)).shuffle(seed=int(seed)).repeat(None)
+
+
+class _ProcessRows(grain.MapDataset):
+  """One process's rows of the global batches of an endless order.
+
+  Element ``j`` is ``(g, order[g])`` with the global position
+  ``g = (j // b) * B + p * b + j % b`` (``B`` the global batch, ``b = B / P``):
+  batching this by ``b`` gives, as local batch ``s``, rows ``[p*b, (p+1)*b)``
+  of global batch ``s``.
+  """
+
+  _MUTATES_ELEMENT_SPEC = True
+
+  def __init__(self, order: grain.MapDataset, global_batch: int, process_index: int,
+               process_count: int):
+    super().__init__(order)
+    self._global_batch = int(global_batch)
+    self._local_batch = local_batch_size(self._global_batch, process_count)
+    self._offset = int(process_index) * self._local_batch
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return (f"_ProcessRows(global_batch={self._global_batch}, "
+            f"rows={self._offset}:{self._offset + self._local_batch})")
+
+  def position(self, j: int) -> int:
+    """The global position of local element ``j``."""
+    step, row = divmod(int(j), self._local_batch)
+    return step * self._global_batch + self._offset + row
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    g = self.position(j)
+    return g, self._parent[g]
+
+  def _getitems(self, indices):
+    positions = [self.position(j) for j in indices]
+    return list(zip(positions, self._parent._getitems(positions)))  # pylint: disable=protected-access
+
+
+def train_positions(num_examples: int, seed: int, global_batch: int, *,
+                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """This process's ``(global position, example index)`` pairs, local batch after
+  local batch (see :class:`_ProcessRows`); ``train_dataset`` loads these."""
+  if not 0 <= int(process_index) < int(process_count):
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+  return _ProcessRows(train_order(num_examples, seed), global_batch,
+                      process_index, process_count)
+
+
+class _StartAt(grain.IterDataset):
+  """Iterates its parent (a ``to_iter_dataset`` of local batches indexed by the
+  global step) from step ``start``; ``get_state`` keeps counting global steps."""
+
+  def __init__(self, parent: grain.IterDataset, start: int):
+    super().__init__(parent)
+    self._start = int(start)
+
+  def __iter__(self):
+    iterator = self._parent.__iter__()
+    if self._start:
+      grain.experimental.set_next_index(iterator, self._start)
+    return iterator
+
+  def __str__(self) -> str:
+    return f"_StartAt(step={self._start})"
+
+
+def train_dataset(config, source=None, *, start_step: int = 0,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
   """The training IterDataset of host-local batches (numpy dicts).
 
-  ``source`` defaults to ``datasets.build_source(config.data, 'train')``; pass
-  it to keep a handle on it (e.g. its ``bad_files`` log with
-  ``data.skip_bad_files=True``).
+  Batch ``k`` of the iterator is this process's rows ``[p*b, (p+1)*b)`` of the
+  global batch of step ``start_step + k`` (see the module docstring): the same
+  global batches for any number of processes, so a run resumes by passing the
+  restored train step as ``start_step``, no iterator state needed.
+
+  Args:
+    config: experiment config (``seed``, ``batch_size``, ``data``,
+      ``transfer_dtype``).
+    source: the training source; defaults to
+      ``datasets.build_source(config.data, 'train')``; pass it to keep a handle
+      on it (e.g. its ``bad_files`` log with ``data.skip_bad_files=True``).
+    start_step: the global step of the first batch.
+    process_index, process_count: this process's share (default: JAX's).
   """
   if source is None:
     source = datasets.build_source(config.data, "train")
   n = len(source)
-  pid, pc = jax.process_index(), jax.process_count()
-  shard = grain.MapDataset.range(n)[pid::pc]
-  shard_len = len(shard)
-  if shard_len == 0:
+  pid = jax.process_index() if process_index is None else int(process_index)
+  pc = jax.process_count() if process_count is None else int(process_count)
+  if n < pc:
     raise ValueError(f"training split has {n} examples, fewer than {pc} processes")
-  fn = _TrainExample(source, config.data, int(config.seed), shard_len, transfer_dtype(config))
-  ds = (shard.shuffle(seed=int(config.seed)).repeat(None)
-        .map_with_index(fn)
-        .batch(local_batch_size(config.batch_size), drop_remainder=True))
+  if int(start_step) < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0")
+  b = local_batch_size(int(config.batch_size), pc)
+  fn = _TrainExample(source, config.data, int(config.seed), n, transfer_dtype(config))
+  ds = (train_positions(n, int(config.seed), int(config.batch_size),
+                        process_index=pid, process_count=pc)
+        .map(fn)
+        .batch(b, drop_remainder=True))
   threads = int(config.data.num_threads)
-  return ds.to_iter_dataset(grain.ReadOptions(
+  ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=threads, prefetch_buffer_size=max(int(config.data.prefetch), threads)))
+  return _StartAt(ds, int(start_step))
 
 
 def to_global(batch: dict, mesh, axis: str = "data") -> dict:

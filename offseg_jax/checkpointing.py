@@ -3,9 +3,13 @@
 Workdir layout::
 
   WORKDIR/checkpoints/<step>/state      params, batch_stats, opt_state, step, rng
-  WORKDIR/checkpoints/<step>/data_iter  grain iterator state (one file per process)
   WORKDIR/checkpoints/<step>/meta       JSON: model, num_classes, config
   WORKDIR/checkpoints/<step>/metrics    JSON: validation metrics of that step
+
+The data position is not saved: the training order is a function of the seed
+and the step alone (``input_pipeline.loader.train_dataset``), so a run resumes
+its example order from the restored step on any number of processes. The
+state's arrays restore onto any mesh (orbax reshards them).
 
 Retention keeps the latest ``keep`` checkpoints *and* the best by validation
 mIoU (orbax's ``max_to_keep`` with ``best_fn`` alone would delete the latest one,
@@ -20,15 +24,20 @@ config that would build another model (:func:`check_config_matches`).
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+def absolute(path) -> epath.Path:
+  """``path`` as an absolute ``epath.Path`` (local paths against the current
+  directory; ``gs://`` and other URLs as they are)."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.resolve()
 
 
 def make_manager(workdir: str, keep: int = 2, best_metric: str = "mIoU",
@@ -43,16 +52,14 @@ def make_manager(workdir: str, keep: int = 2, best_metric: str = "mIoU",
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, enable_async_checkpointing=async_save,
       create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                               options=options)
+  return ocp.CheckpointManager(absolute(workdir) / CHECKPOINT_DIR, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iter, meta: dict,
+def save(manager: ocp.CheckpointManager, step: int, state, meta: dict,
          metrics: dict | None = None, force: bool = False) -> bool:
-  """Saves the train state, the data iterator and metadata at ``step``."""
+  """Saves the train state and metadata at ``step`` (collectively: call it on
+  every process)."""
   args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-  if data_iter is not None:
-    args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
   return manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
 
 
@@ -68,38 +75,36 @@ def record_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> 
   """
   manager.wait_until_finished()
   if jax.process_index() == 0:
-    item = Path(manager.directory) / str(int(step)) / "metrics"
+    item = epath.Path(manager.directory) / str(int(step)) / "metrics"
     item.mkdir(exist_ok=True)
     tmp = item / "metrics.tmp"
     tmp.write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
-    os.replace(tmp, item / "metrics")
+    tmp.replace(item / "metrics")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f"record_metrics_{int(step)}")
   manager.reload()
 
 
-def restore(manager: ocp.CheckpointManager, step: int, state_target, data_iter):
-  """Restores the full train state (into ``state_target``'s shardings) and the
-  data iterator in place. Returns the state."""
+def restore(manager: ocp.CheckpointManager, step: int, state_target):
+  """Restores the full train state into ``state_target``'s shapes and
+  shardings (whatever mesh or process count saved it). Returns the state."""
   args = {"state": ocp.args.StandardRestore(state_target)}
-  if data_iter is not None:
-    args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   return restored["state"]
 
 
-def _step_dirs(ckpt_dir: Path) -> list[Path]:
+def _step_dirs(ckpt_dir: epath.Path) -> list[epath.Path]:
   return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()
                  and (p / "state").exists()), key=lambda p: int(p.name))
 
 
-def resolve_step_dir(path: str, which: str = "latest") -> Path:
+def resolve_step_dir(path, which: str = "latest") -> epath.Path:
   """A step directory from a workdir, its ``checkpoints`` dir, or a step dir.
 
   ``which`` is 'latest' or 'best' (highest validation mIoU among saved steps).
   """
-  p = Path(path)
+  p = absolute(path)
   if (p / "state").is_dir():
     return p
   for ckpt_dir in (p / CHECKPOINT_DIR, p):
@@ -233,7 +238,7 @@ def load_eval_variables(path: str, template: dict, which: str = "latest") -> dic
     return variables_io.load_variables(path, template)
   step_dir = resolve_step_dir(path, which)
   restored = ocp.PyTreeCheckpointer().restore(
-      str((step_dir / "state").absolute()),
+      step_dir / "state",
       args=ocp.args.PyTreeRestore(item=template, restore_args=_restore_args(template),
                                   partial_restore=True))
   _check_shapes(restored, template, str(step_dir))

@@ -1,7 +1,10 @@
 """Entry point: ``python -m offseg_jax.main --config=CFG.py[:ARG] --workdir=DIR``.
 
 Trains then evaluates; rerunning the same command with the same workdir resumes
-from the last checkpoint. Any config field can be overridden with
+from the last checkpoint. SIGTERM (preemption) saves a checkpoint at the next
+step boundary and exits with status 0; a non-finite loss stops the run (status
+1) before anything of that step is saved; a second run on a workdir in use is
+refused. Any config field can be overridden with
 ``--config.a.b=value``; unknown fields are errors (the config is locked).
 
 Multi-host: every process runs the same command; ``jax.distributed`` is
@@ -30,13 +33,20 @@ def main(argv):
   # Our own progress lines go to stdout; keep library INFO chatter (orbax) out.
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
-  from input_pipeline import image_io  # pylint: disable=g-import-not-at-top
-  from offseg_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from input_pipeline import image_io
+  from offseg_jax import preemption, train, workdir_lock
+  # pylint: enable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except image_io.BadFileError as e:
-    # A bad data file ends the run with one line naming it (no traceback); the
-    # step's checkpoint is saved before evaluating, so a rerun resumes there.
+  except preemption.Preempted as e:
+    # SIGTERM: the step's checkpoint is on disk; a clean exit, and rerunning
+    # the same command resumes.
+    print(e, flush=True)
+  except (image_io.BadFileError, FloatingPointError, workdir_lock.WorkdirBusyError) as e:
+    # One line naming the file, step or workdir (no traceback). A bad file:
+    # the step's checkpoint is saved before evaluating, so a rerun resumes
+    # there; a non-finite loss: the checkpoints before it are kept.
     sys.exit(f"error: {e}")
 
 

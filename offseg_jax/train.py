@@ -5,9 +5,9 @@
   2. model from the registry; ``jax.eval_shape`` of the init -> shardings from the
      config's regex rules -> jitted init directly into those shardings;
   3. AdamW with the official parameter groups and warm-up + poly schedule;
-  4. resume from ``WORKDIR/checkpoints`` if present (params, optimizer, step, RNG
-     and the data iterator), else optionally initialise from a converted
-     checkpoint (``config.init_from``);
+  4. resume from ``WORKDIR/checkpoints`` if present (params, optimizer, step and
+     RNG, onto this run's mesh; the data order follows from the step), else
+     optionally initialise from a converted checkpoint (``config.init_from``);
   5. jitted train step with the state donated (uint8 images normalised on
      device, optional gradient accumulation, float32 state whatever the compute
      dtype; see ``make_train_step``); pairing problems of every split found
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import time
 from typing import Any
@@ -33,11 +32,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from input_pipeline import check as data_check
 from input_pipeline import datasets, image_io, loader
-from offseg_jax import checkpointing, losses, optim
+from offseg_jax import checkpointing, losses, optim, preemption, workdir_lock
 from offseg_jax.evaluation import evaluator as evaluator_lib
 from offseg_jax.evaluation import metrics as metrics_lib
 from offseg_jax.models.construction import create_model, init_variables, parameter_table
@@ -280,7 +281,7 @@ class MetricWriter:
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
   def scalars(self, step: int, values: dict[str, float], prefix: str = ""):
     if self._tb is not None:
@@ -313,10 +314,69 @@ def _log(msg: str):
 # The loop.
 # ----------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+class LossWatch:
+  """Stops training at the first non-finite loss, so that none is ever saved.
+
+  Each step's loss is read one step late (while the next step runs, so the
+  check costs no device idle time); :meth:`check_all` reads the rest and runs
+  before every checkpoint.
+  """
+
+  def __init__(self):
+    self._pending: list[tuple[int, jax.Array]] = []
+
+  def add(self, step: int, loss: jax.Array) -> None:
+    self._pending.append((step, loss))
+    if len(self._pending) > 1:
+      self._check(self._pending[:-1])
+      self._pending = self._pending[-1:]
+
+  def check_all(self) -> None:
+    self._check(self._pending)
+    self._pending = []
+
+  @staticmethod
+  def _check(items) -> None:
+    for step, loss in items:
+      value = float(jax.device_get(loss))
+      if not np.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {step}")
+
+
+def lock_workdir(workdir: epath.Path) -> workdir_lock.WorkdirLock:
+  """Takes ``WORKDIR/lock.json`` on process 0 (every process raises if it is held)."""
+  lock = workdir_lock.WorkdirLock(workdir)
+  error = ""
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirBusyError as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    if int(multihost_utils.broadcast_one_to_all(np.int32(bool(error)))) and not error:
+      error = f"workdir {workdir} is in use by another run (see process 0's log)"
+  if error:
+    raise workdir_lock.WorkdirBusyError(error)
+  return lock
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns
-  the final validation summary (also written to ``WORKDIR/metrics.json``)."""
-  os.makedirs(workdir, exist_ok=True)
+  the final validation summary (also written to ``WORKDIR/metrics.json``).
+
+  ``workdir`` is any ``etils.epath`` path (local or ``gs://``). Raises
+  ``workdir_lock.WorkdirBusyError`` when another run holds the workdir,
+  ``preemption.Preempted`` after saving a checkpoint on SIGTERM, and
+  ``FloatingPointError`` at the first non-finite loss (no checkpoint of that
+  step or later is written).
+  """
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with lock_workdir(workdir), preemption.PreemptionWatcher() as preempt:
+    return _train_and_evaluate(config, workdir, preempt)
+
+
+def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
   mesh = make_mesh(config)
   info = datasets.dataset_info(config.data)
   num_classes = info.num_classes
@@ -340,25 +400,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_vars["params"]))
   _log(f"parameters: {num_params / 1e6:.3f} M")
   if jax.process_index() == 0:      # the per-parameter table goes to a file, not the log
-    table_path = os.path.join(workdir, "parameters.txt")
-    with open(table_path, "w") as f:
-      f.write(parameter_table(abstract_vars["params"]) + "\n")
+    table_path = workdir / "parameters.txt"
+    table_path.write_text(parameter_table(abstract_vars["params"]) + "\n")
     _log(f"parameter table: {table_path}")
 
   # --- Checkpoints: resume, or initialise (optionally from converted weights). -
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-  train_source = datasets.build_source(config.data, "train")
-  train_iter = iter(loader.train_dataset(config, train_source))
   latest = manager.latest_step()
   if latest is not None:
     target = jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings)
-    state = checkpointing.restore(manager, latest, target, train_iter)
+    state = checkpointing.restore(manager, latest, target)
     _log(f"resumed from {manager.directory}/{latest} (step {int(state['step'])})")
   else:
     state = jax.jit(init_state, out_shardings=shardings)(init_rng)
     if config.init_from:
       state = _init_from_checkpoint(config.init_from, state, shardings)
+  # The example order is a function of (seed, step): the loader starts at the
+  # restored step whatever the process count that saved it.
+  train_source = datasets.build_source(config.data, "train")
+  train_iter = iter(loader.train_dataset(config, train_source, start_step=int(state["step"])))
 
   meta = {"model": config.model.name, "num_classes": num_classes,
           "dataset": info.name, "config": json.loads(config.to_json_best_effort())}
@@ -375,42 +436,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total = int(config.total_steps)
   t_last, step_last = time.time(), step
   summary = None
-  while step < total:
-    batch = loader.to_global(next(train_iter), mesh)
-    state, step_metrics = train_step(state, batch)
-    step += 1
-    if step % config.log_every == 0 or step == total:
-      step_metrics = jax.device_get(step_metrics)
-      if not np.isfinite(step_metrics["loss"]):
-        raise FloatingPointError(f"loss is {step_metrics['loss']} at step {step}")
-      now = time.time()
-      ips = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
-      eta = (total - step) * (now - t_last) / max(step - step_last, 1)
-      _log(f"step {step}/{total} | loss {step_metrics['loss']:.4f} | lr "
-           f"{step_metrics['lr']:.3e} | {ips:.1f} img/s | ETA {_fmt_eta(eta)}")
-      writer.scalars(step, step_metrics, "train/")
-      writer.scalars(step, {"images_per_sec": ips}, "train/")
-      t_last, step_last = now, step
-    is_eval = step % config.eval_every == 0 or step == total
-    if is_eval or step % config.checkpoint_every == 0:
-      # Saved before evaluating: an evaluation that fails costs no training.
-      checkpointing.save(manager, step, state, train_iter, meta)
-      _log(f"saved checkpoint at step {step}")
-    if is_eval:
-      try:
+  loss_watch = LossWatch()
+  try:
+    while step < total:
+      batch = loader.to_global(next(train_iter), mesh)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      loss_watch.add(step, step_metrics["loss"])
+      if step % config.log_every == 0 or step == total:
+        step_metrics = jax.device_get(step_metrics)
+        now = time.time()
+        ips = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
+        eta = (total - step) * (now - t_last) / max(step - step_last, 1)
+        _log(f"step {step}/{total} | loss {step_metrics['loss']:.4f} | lr "
+             f"{step_metrics['lr']:.3e} | {ips:.1f} img/s | ETA {_fmt_eta(eta)}")
+        writer.scalars(step, step_metrics, "train/")
+        writer.scalars(step, {"images_per_sec": ips}, "train/")
+        t_last, step_last = now, step
+      preempted = preempt.reached(step)
+      is_eval = step % config.eval_every == 0 or step == total
+      if is_eval or step % config.checkpoint_every == 0 or preempted:
+        loss_watch.check_all()            # a non-finite loss never reaches a checkpoint
+        # Saved before evaluating: an evaluation that fails costs no training.
+        checkpointing.save(manager, step, state, meta, force=preempted)
+        _log(f"saved checkpoint at step {step}")
+      if preempted:
+        manager.wait_until_finished()
+        raise preemption.Preempted(step, manager.directory)
+      if is_eval:
         result = evaluate(evaluator, state)
-      except BaseException:
-        manager.wait_until_finished()   # the step's checkpoint is complete on disk
-        raise
-      summary, confusion = result.summary, result.confusion
-      checkpointing.record_metrics(manager, step, {"mIoU": summary["mIoU"]})
-      _log(f"eval step {step}: " + ", ".join(
-          f"{k} {v:.2f}" for k, v in summary.items() if k != "per_class"))
-      writer.scalars(step, {k: v for k, v in summary.items() if k != "per_class"}, "val/")
-      writer.scalars(step, {"images_per_sec": result.images_per_s}, "val/")
-      writer.flush()
-      t_last = time.time()           # evaluation time is not training throughput
-  manager.wait_until_finished()
+        summary, confusion = result.summary, result.confusion
+        checkpointing.record_metrics(manager, step, {"mIoU": summary["mIoU"]})
+        _log(f"eval step {step}: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in summary.items() if k != "per_class"))
+        writer.scalars(step, {k: v for k, v in summary.items() if k != "per_class"}, "val/")
+        writer.scalars(step, {"images_per_sec": result.images_per_s}, "val/")
+        writer.flush()
+        t_last = time.time()           # evaluation time is not training throughput
+  except FloatingPointError as e:
+    manager.wait_until_finished()
+    raise FloatingPointError(
+        f"{e}: training stopped; the last checkpoint written is step "
+        f"{manager.latest_step()} in {manager.directory}") from None
+  finally:
+    # Whatever ends the loop (an error, a preemption), a checkpoint being
+    # written completes on disk: saves are asynchronous.
+    manager.wait_until_finished()
 
   # --- Final evaluation (also when resumed after the last step was saved). ----
   if summary is None:
@@ -418,11 +489,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary, confusion = result.summary, result.confusion
   if jax.process_index() == 0:
     _log(metrics_lib.format_table(summary))
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump(dict(summary, step=step, dataset=info.name, model=config.model.name), f, indent=1)
-    np.save(os.path.join(workdir, "confusion.npy"), confusion)
+    (workdir / "metrics.json").write_text(json.dumps(
+        dict(summary, step=step, dataset=info.name, model=config.model.name), indent=1))
+    with (workdir / "confusion.npy").open("wb") as f:
+      np.save(f, confusion)
   _log(f"final validation mIoU: {summary['mIoU']:.2f} (aAcc {summary['aAcc']:.2f}, "
-       f"mAcc {summary['mAcc']:.2f}) -> {os.path.join(workdir, 'metrics.json')}")
+       f"mAcc {summary['mAcc']:.2f}) -> {workdir / 'metrics.json'}")
   if getattr(train_source, "bad_files", None) is not None:
     _log(train_source.bad_files.summary())     # nothing is dropped silently
   writer.close()

@@ -135,7 +135,7 @@ def tiny_workdir(tmp_path_factory):
                        axis_types=(jax.sharding.AxisType.Auto,))
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   manager = checkpointing.make_manager(str(workdir), async_save=False)
-  checkpointing.save(manager, 7, state, None, {"model": "tiny", "num_classes": info.num_classes},
+  checkpointing.save(manager, 7, state, {"model": "tiny", "num_classes": info.num_classes},
                      metrics={"mIoU": 1.0}, force=True)
   manager.wait_until_finished()
   manager.close()

@@ -123,7 +123,7 @@ def workdir(tiny, tmp_path_factory) -> Path:
   manager = checkpointing.make_manager(str(workdir), async_save=False)
   meta = {"model": config.model.name, "num_classes": len(CLASSES), "dataset": "custom",
           "config": json.loads(config.to_json_best_effort())}
-  checkpointing.save(manager, 2, state, None, meta, force=True)
+  checkpointing.save(manager, 2, state, meta, force=True)
   manager.wait_until_finished()
   manager.close()
   return workdir

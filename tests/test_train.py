@@ -48,12 +48,30 @@ def _final_params(workdir):
   return int(step_dir.name), state["params"], state["opt_state"]
 
 
-@pytest.mark.slow
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
-  straight = tmp_path / "straight"
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """The SMALL run from start to end without interruption."""
+  straight = tmp_path_factory.mktemp("straight") / "wd"
   out = _run(straight)
   assert "final validation mIoU" in out
+  return straight
 
+
+def _assert_same_final_state(straight, other):
+  a, b = json.loads((straight / "metrics.json").read_text()), json.loads(
+      (other / "metrics.json").read_text())
+  assert a["step"] == b["step"] == 16
+  assert a["mIoU"] == b["mIoU"] and a["per_class"] == b["per_class"]
+  step_a, params_a, opt_a = _final_params(straight)
+  step_b, params_b, opt_b = _final_params(other)
+  assert step_a == step_b == 16
+  for x, y in zip(jax.tree_util.tree_leaves((params_a, opt_a)), jax.tree_util.tree_leaves((params_b, opt_b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, straight_run):
+  straight = straight_run
   # Start the same run, kill -9 it once a checkpoint beyond the first exists.
   killed = tmp_path / "killed"
   proc = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
@@ -68,17 +86,37 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
   assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
   assert not (killed / "metrics.json").exists()
 
+  # The killed run's lock (its pid is gone) does not block the rerun.
+  assert (killed / "lock.json").exists()
   resumed_out = _run(killed)
   assert "resumed from" in resumed_out
-  a, b = json.loads((straight / "metrics.json").read_text()), json.loads(
-      (killed / "metrics.json").read_text())
-  assert a["step"] == b["step"] == 16
-  assert a["mIoU"] == b["mIoU"] and a["per_class"] == b["per_class"]
-  step_a, params_a, opt_a = _final_params(straight)
-  step_b, params_b, opt_b = _final_params(killed)
-  assert step_a == step_b == 16
-  for x, y in zip(jax.tree_util.tree_leaves((params_a, opt_a)), jax.tree_util.tree_leaves((params_b, opt_b))):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert not (killed / "lock.json").exists()       # released at the end
+  _assert_same_final_state(straight, killed)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_boundary_and_resume_equals_the_uninterrupted_run(
+    tmp_path, straight_run):
+  stopped = tmp_path / "stopped"
+  proc = subprocess.Popen(_cmd(stopped), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if line.startswith("step 5/16"):              # mid-run, between checkpoints 4 and 8
+      proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  out = "".join(seen)
+  assert proc.returncode == 0, out[-3000:]
+  stop_line = next(l for l in seen if l.startswith("preempted: saved checkpoint at step"))
+  stop_step = int(stop_line.split("step ")[1].split()[0])
+  assert 5 <= stop_step < 16, stop_line
+  assert (stopped / "checkpoints" / str(stop_step) / "state").is_dir()
+  assert not (stopped / "metrics.json").exists()
+  assert not (stopped / "lock.json").exists()
+  resumed_out = _run(stopped)
+  assert f"(step {stop_step})" in resumed_out
+  _assert_same_final_state(straight_run, stopped)
 
 
 @pytest.mark.slow
