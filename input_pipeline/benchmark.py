@@ -31,10 +31,12 @@ import time
 from absl import app
 from absl import flags
 import cv2
+from etils import epath
 from ml_collections import config_flags
 import numpy as np
 
 from input_pipeline import datasets
+from input_pipeline import image_io
 from input_pipeline import transforms
 
 # Typical image size (w, h) of each dataset, for --fake.
@@ -66,23 +68,22 @@ def write_fake_dataset(data_config, root: str, num_per_split: int,
   rng = np.random.default_rng(seed)
   for split in ("train", "val"):
     split_dir = data_config.split_names.get(split, split)
-    img_dir = os.path.join(root, data_config.img_dir.format(split=split_dir))
-    ann_dir = os.path.join(root, data_config.ann_dir.format(split=split_dir))
+    img_dir = epath.Path(root, data_config.img_dir.format(split=split_dir))
+    ann_dir = epath.Path(root, data_config.ann_dir.format(split=split_dir))
     stems = [(f"fake/fake_{split}_{i:06d}" if data_config.name == "cityscapes"
               else f"fake_{split}_{i:06d}") for i in range(num_per_split)]
     for stem in stems:
       image, label = _fake_pair(rng, width, height, num_values)
-      image_path = os.path.join(img_dir, stem + data_config.img_suffix)
-      label_path = os.path.join(ann_dir, stem + data_config.seg_suffix)
+      image_path = img_dir / (stem + data_config.img_suffix)
+      label_path = ann_dir / (stem + data_config.seg_suffix)
       for path in (image_path, label_path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-      cv2.imwrite(image_path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-      cv2.imwrite(label_path, label)
+        path.parent.mkdir(parents=True, exist_ok=True)
+      image_io.write_image(image_path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+      image_io.write_image(label_path, label)
     if data_config.split_file:
-      split_file = os.path.join(root, data_config.split_file.format(split=split_dir))
-      os.makedirs(os.path.dirname(split_file), exist_ok=True)
-      with open(split_file, "w") as f:
-        f.write("\n".join(stems) + "\n")
+      split_file = epath.Path(root, data_config.split_file.format(split=split_dir))
+      split_file.parent.mkdir(parents=True, exist_ok=True)
+      split_file.write_text("\n".join(stems) + "\n")
 
 
 def stage_times(source, train_transform, finalize, num_examples: int = 8, seed: int = 0):

@@ -12,15 +12,15 @@ trainIds images without the cityscapesscripts dependency.
 from __future__ import annotations
 
 import multiprocessing
-import os
 
 from absl import app
 from absl import flags
-import cv2
+from etils import epath
 import numpy as np
 
 from input_pipeline import classes
 from input_pipeline import image_io
+from input_pipeline import storage
 
 _LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 _TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
@@ -36,14 +36,12 @@ def train_id_lut() -> np.ndarray:
 
 def find_label_id_files(root: str) -> list[str]:
   """All ``*_gtFine_labelIds.png`` under ``root/gtFine`` (sorted)."""
-  gt_dir = os.path.join(root, "gtFine")
-  if not os.path.isdir(gt_dir):
+  gt_dir = storage.join(root, "gtFine")
+  if not epath.Path(gt_dir).is_dir():
     raise FileNotFoundError(f"{gt_dir} not found; expected the Cityscapes root holding "
                             "gtFine/{train,val,test}/<city>/*" + _LABEL_IDS_SUFFIX)
-  found = []
-  for dirpath, dirnames, filenames in os.walk(gt_dir):
-    dirnames.sort()
-    found += [os.path.join(dirpath, f) for f in filenames if f.endswith(_LABEL_IDS_SUFFIX)]
+  found = [storage.join(directory, f) for directory, _, filenames in storage.walk(gt_dir)
+           for f in filenames if f.endswith(_LABEL_IDS_SUFFIX)]
   if not found:
     raise FileNotFoundError(f"no *{_LABEL_IDS_SUFFIX} files under {gt_dir}")
   return sorted(found)
@@ -54,8 +52,7 @@ def convert_file(path: str) -> int:
   label_ids = image_io.decode_label(image_io.read_bytes(path), path)
   train_ids = train_id_lut()[label_ids]
   out = path[:-len(_LABEL_IDS_SUFFIX)] + _TRAIN_IDS_SUFFIX
-  if not cv2.imwrite(out, train_ids):
-    raise OSError(f"{out}: cannot write")
+  image_io.write_image(out, train_ids)     # OSError "<out>: cannot write" on failure
   return int((label_ids > 33).sum())
 
 
@@ -67,7 +64,7 @@ def convert(root: str, nproc: int = 1, log=print) -> int:
       unknown = pool.map(convert_file, files, chunksize=8)
   else:
     unknown = [convert_file(f) for f in files]
-  log(f"wrote {len(files)} *{_TRAIN_IDS_SUFFIX} files under {os.path.join(root, 'gtFine')}")
+  log(f"wrote {len(files)} *{_TRAIN_IDS_SUFFIX} files under {storage.join(root, 'gtFine')}")
   odd = [f for f, n in zip(files, unknown) if n]
   if odd:
     log(f"warning: {len(odd)} files had ids above 33 (written as 255), e.g. {odd[0]}")

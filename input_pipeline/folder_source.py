@@ -4,14 +4,20 @@ The layouts are mmsegmentation's (``dataset_config.FOLDER_LAYOUTS``), read from 
 ``data.img_dir``/``ann_dir``/suffix/split fields. The functions here take a
 data config whose layout is already the chosen dataset's
 (``dataset_config.effective``); ``input_pipeline.datasets`` does that.
+
+Every file operation goes through ``etils.epath``, so ``data.root`` may be a
+local folder (relative or absolute, ``~`` expanded) or a ``gs://`` (or other
+epath-supported) URL; paths are kept as strings in the same form.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+
+from etils import epath
 
 from input_pipeline import image_io
+from input_pipeline import storage
 from input_pipeline.bad_files import BadFileLog, SkippingSource, finish_label
 from input_pipeline.class_info import DatasetInfo
 from input_pipeline.dataset_config import FOLDER_LAYOUTS, FolderLayout, example_limit
@@ -27,15 +33,10 @@ class FolderListing:
 
 
 def _walk_suffix(folder: str, suffix: str) -> list[str]:
-  """Paths relative to ``folder`` of the files ending in ``suffix``, sorted."""
-  found = []
-  for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-    dirnames.sort()
-    rel_dir = os.path.relpath(dirpath, folder)
-    for f in filenames:
-      if f.endswith(suffix):
-        found.append(f if rel_dir == "." else os.path.join(rel_dir, f))
-  return sorted(found)
+  """Paths relative to ``folder`` of the files ending in ``suffix``, sorted
+  (links to directories followed, as ``os.walk(folder, followlinks=True)``)."""
+  return sorted(rel + f for _, rel, files in storage.walk(folder, follow_links=True)
+                for f in files if f.endswith(suffix))
 
 
 def list_folder_pairs(img_dir: str, ann_dir: str, img_suffix: str, seg_suffix: str,
@@ -46,15 +47,20 @@ def list_folder_pairs(img_dir: str, ann_dir: str, img_suffix: str, seg_suffix: s
   img_suffix`` and ``ann_dir/stem + seg_suffix`` (file order kept). Without it,
   every ``*img_suffix`` under ``img_dir`` (recursively, sorted) is an example.
   """
-  label_set = set(_walk_suffix(ann_dir, seg_suffix)) if os.path.isdir(ann_dir) else set()
+  label_set = (set(_walk_suffix(ann_dir, seg_suffix)) if epath.Path(ann_dir).is_dir()
+               else set())
   pairs, unpaired, missing = [], [], []
   if split_file:
-    with open(split_file) as f:
+    with epath.Path(split_file).open() as f:
       stems = [line.strip() for line in f if line.strip()]
+    # One listing instead of a file-system query per entry (an RPC each on
+    # gs://); entries it does not hold (e.g. '../x') are looked up one by one.
+    image_set = set(_walk_suffix(img_dir, img_suffix)) if stems else set()
     for stem in stems:
-      image_path = os.path.join(img_dir, stem + img_suffix)
-      label_path = os.path.join(ann_dir, stem + seg_suffix)
-      if not os.path.isfile(image_path):
+      image_path = storage.join(img_dir, stem + img_suffix)
+      label_path = storage.join(ann_dir, stem + seg_suffix)
+      if (stem + img_suffix not in image_set
+          and not epath.Path(image_path).is_file()):
         missing.append((stem, image_path))
       elif stem + seg_suffix not in label_set:
         unpaired.append((image_path, label_path))
@@ -62,19 +68,19 @@ def list_folder_pairs(img_dir: str, ann_dir: str, img_suffix: str, seg_suffix: s
         pairs.append((stem, image_path, label_path))
     return FolderListing(pairs, unpaired, missing, [])
   images = _walk_suffix(img_dir, img_suffix)
-  if os.path.abspath(img_dir) == os.path.abspath(ann_dir):
+  if storage.absolute(img_dir) == storage.absolute(ann_dir):
     # Images and labels side by side: a label file is not an image.
     images = [f for f in images if not f.endswith(seg_suffix)]
   stems = set()
   for rel in images:
     stem = rel[:-len(img_suffix)]
     stems.add(stem)
-    label_path = os.path.join(ann_dir, stem + seg_suffix)
+    label_path = storage.join(ann_dir, stem + seg_suffix)
     if stem + seg_suffix in label_set:
-      pairs.append((stem, os.path.join(img_dir, rel), label_path))
+      pairs.append((stem, storage.join(img_dir, rel), label_path))
     else:
-      unpaired.append((os.path.join(img_dir, rel), label_path))
-  orphans = sorted(os.path.join(ann_dir, rel) for rel in label_set
+      unpaired.append((storage.join(img_dir, rel), label_path))
+  orphans = sorted(storage.join(ann_dir, rel) for rel in label_set
                    if rel[:-len(seg_suffix)] not in stems)
   return FolderListing(pairs, unpaired, missing, orphans)
 
@@ -112,17 +118,17 @@ def describe_layout(data_config, split: str) -> str:
 
 def resolve_folder_root(data_config, layout: FolderLayout, split: str) -> str:
   """``data.root``, or the standard sub-folder of it that holds the layout."""
-  root = os.path.expanduser(data_config.root)
-  if not os.path.isdir(root):
+  root = storage.join(epath.Path(data_config.root).expanduser()) if data_config.root else ""
+  if not root or not epath.Path(root).is_dir():
     raise FileNotFoundError(
         f"data.root={data_config.root!r} does not exist; expected the folder holding "
         f"{describe_layout(data_config, split)}")
   split_dir = data_config.split_names.get(split, split)
   first = data_config.img_dir.format(split=split_dir).split("/")[0]
-  if not os.path.isdir(os.path.join(root, first)):
+  if not epath.Path(root, first).is_dir():
     for sub in layout.root_subdirs:
-      if os.path.isdir(os.path.join(root, sub, first)):
-        return os.path.join(root, sub)
+      if epath.Path(root, sub, first).is_dir():
+        return storage.join(root, sub)
   return root
 
 
@@ -182,17 +188,17 @@ def folder_listing(data_config, split: str) -> tuple[FolderListing, str]:
   layout = FOLDER_LAYOUTS[data_config.name]
   split_dir = data_config.split_names.get(split, split)
   root = resolve_folder_root(data_config, layout, split)
-  img_dir = os.path.join(root, data_config.img_dir.format(split=split_dir))
-  ann_dir = os.path.join(root, data_config.ann_dir.format(split=split_dir))
+  img_dir = storage.join(root, data_config.img_dir.format(split=split_dir))
+  ann_dir = storage.join(root, data_config.ann_dir.format(split=split_dir))
   expected = describe_layout(data_config, split)
   split_file = None
   if data_config.split_file:
-    split_file = os.path.join(root, data_config.split_file.format(split=split_dir))
-    if not os.path.isfile(split_file):
+    split_file = storage.join(root, data_config.split_file.format(split=split_dir))
+    if not epath.Path(split_file).is_file():
       raise FileNotFoundError(f"split file {split_file} not found; expected {expected} "
                               f"under data.root={root}")
   for folder, what in ((img_dir, "image"), (ann_dir, "label")):
-    if not os.path.isdir(folder):
+    if not epath.Path(folder).is_dir():
       raise FileNotFoundError(f"{what} folder {folder} not found; expected {expected} "
                               f"under data.root={root}")
   listing = list_folder_pairs(img_dir, ann_dir, data_config.img_suffix,

@@ -17,6 +17,7 @@ import io
 import os
 
 import cv2
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -47,14 +48,35 @@ class BadFileError(ValueError):
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-  """The contents of ``path``; a missing or unreadable file is a BadFileError."""
+  """The contents of ``path`` (local, ``gs://``, ... through ``etils.epath``);
+  a missing or unreadable file is a BadFileError."""
   try:
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
       return f.read()
   except FileNotFoundError:
     raise BadFileError(path, "file does not exist", MISSING) from None
   except OSError as e:
-    raise BadFileError(path, f"cannot read file ({e.strerror})", UNREADABLE) from None
+    raise BadFileError(path, f"cannot read file ({e.strerror or e})", UNREADABLE) from None
+
+
+def write_image(path: str | os.PathLike, array: np.ndarray) -> None:
+  """``cv2.imwrite`` through ``etils.epath``: encodes ``array`` (BGR, as cv2)
+  in the format of ``path``'s suffix, then writes the bytes (local or remote).
+
+  Raises:
+    OSError: ``"<path>: cannot write"`` if encoding or writing fails.
+  """
+  path = epath.Path(path)
+  try:
+    ok, encoded = cv2.imencode(path.suffix, array)
+  except cv2.error:
+    ok = False
+  if not ok:
+    raise OSError(f"{path}: cannot write")
+  try:
+    path.write_bytes(encoded.tobytes())
+  except OSError as e:
+    raise OSError(f"{path}: cannot write") from e
 
 
 def _jpeg_is_complete(data: bytes) -> bool:

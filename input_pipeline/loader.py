@@ -293,10 +293,14 @@ def to_global(batch: dict, mesh, axis: str = "data") -> dict:
 def _label_size_from_header(data_or_path) -> tuple[int, int]:
   """(H, W) of an encoded image from its header (PIL reads no pixels)."""
   import io  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  handle = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
-  with Image.open(handle) as image:
-    width, height = image.size
+  if isinstance(data_or_path, bytes):
+    with Image.open(io.BytesIO(data_or_path)) as image:
+      width, height = image.size
+  else:                      # a path, local or remote: only the header is read
+    with epath.Path(data_or_path).open("rb") as f, Image.open(f) as image:
+      width, height = image.size
   return int(height), int(width)
 
 

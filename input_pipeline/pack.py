@@ -23,13 +23,13 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
-import shutil
 import sys
 import tempfile
 
 from absl import app
 from absl import flags
 import cv2
+from etils import epath
 from ml_collections import config_flags
 import numpy as np
 
@@ -143,12 +143,13 @@ def pack(data_config, splits, output_dir: str, name: str | None = None,
   name = name or f"offseg_{data_config.name}"
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     raise ValueError(f"--name {name!r}: use lower-case letters, digits and underscores")
-  target = os.path.join(output_dir, name, _VERSION)
-  if os.path.exists(target):
+  target = epath.Path(output_dir, name, _VERSION)
+  if target.exists():
     if not overwrite:
       raise FileExistsError(f"{target} already exists; pack all splits in one call, or "
                             "pass --overwrite to replace it")
-    shutil.rmtree(target)
+    target.rmtree()
+  target = os.fspath(target)
 
   info = datasets.dataset_info(data_config)
   sources = {split: datasets.build_source(data_config, split) for split in splits}

@@ -13,9 +13,11 @@ import functools
 import glob
 import os
 
+from etils import epath
 import numpy as np
 
 from input_pipeline import image_io
+from input_pipeline import storage
 from input_pipeline.bad_files import BadFileLog, SkippingSource, finish_label
 from input_pipeline.class_info import DatasetInfo, configured_class_info
 from input_pipeline.dataset_config import check_choice, example_limit
@@ -27,17 +29,18 @@ def find_tfds_dir(root: str) -> str:
   Accepts the version folder itself, or a folder with a single dataset below it
   (``root/<name>/<version>/``, as ``input_pipeline.pack --output root`` writes).
   """
-  root = os.path.expanduser(root)
-  if not root or not os.path.isdir(root):
+  root = _expand(root)
+  if not root or not epath.Path(root).is_dir():
     raise FileNotFoundError(
         f"data.root={root!r} does not exist; for name='tfds' set it to a prepared dataset "
         "folder (<data_dir>/<dataset>/<version>/ with dataset_info.json), or set "
         "data.tfds_name and data.root=<data_dir>")
-  if os.path.isfile(os.path.join(root, "dataset_info.json")):
+  if epath.Path(root, "dataset_info.json").is_file():
     return root
-  found = sorted(os.path.dirname(p) for pattern in ("*/dataset_info.json",
-                                                    "*/*/dataset_info.json")
-                 for p in glob.glob(os.path.join(glob.escape(root), pattern)))
+  # glob.escape: a root holding '[' or '*' is matched literally.
+  found = sorted(os.fspath(p.parent) for pattern in ("*/dataset_info.json",
+                                                     "*/*/dataset_info.json")
+                 for p in epath.Path(glob.escape(root)).glob(pattern))
   if len(found) == 1:
     return found[0]
   if not found:
@@ -47,13 +50,18 @@ def find_tfds_dir(root: str) -> str:
                    "of them")
 
 
+def _expand(root: str) -> str:
+  """``root`` with ``~`` expanded (``''`` stays ``''``: tfds' default data_dir)."""
+  return storage.join(epath.Path(root).expanduser()) if root else root
+
+
 @functools.lru_cache(maxsize=16)
 def _tfds_builder(tfds_name: str, root: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if not tfds_name:
     return tfds.builder_from_directory(find_tfds_dir(root))
   try:
-    return tfds.builder(tfds_name, data_dir=os.path.expanduser(root) or None)
+    return tfds.builder(tfds_name, data_dir=_expand(root) or None)
   except tfds.core.registered.DatasetNotFoundError:
     raise FileNotFoundError(
         f"tfds dataset {tfds_name!r} not found in data_dir={root!r}: expected "
@@ -128,7 +136,7 @@ class TfdsSource(SkippingSource):
       decoders = {k: tfds.decode.SkipDecoding() for k in self._encoded_keys}
       if self.tfds_name:
         self._records = tfds.data_source(self.tfds_name, split=self.tfds_split,
-                                         data_dir=os.path.expanduser(self.root) or None,
+                                         data_dir=_expand(self.root) or None,
                                          download=False, decoders=decoders)
       else:
         self._records = _tfds_builder("", self.root).as_data_source(

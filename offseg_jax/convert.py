@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from input_pipeline import storage
 from offseg_jax import models
 from offseg_jax.conversion import core, torch_pickle, van_names, variables_io
 from offseg_jax.registry import MODELS
@@ -260,15 +261,15 @@ def convert_checkpoint(src: str, out_dir: str, *, model_name: str,
       "model": model_name,
       "num_classes": None if backbone_only else num_classes,
       "backbone_only": backbone_only,
-      "source": os.path.abspath(src),
+      "source": os.fspath(storage.absolute(src)),
       "source_key": ckpt.source_key,
       "official_config": official,
       "report": {"missing": report["missing"], "unexpected": report["unexpected"],
                  "ignored": report["ignored"], "ignore_patterns": list(ignore),
                  "num_arrays": len(jax.tree.leaves(variables)), "num_values": converted},
   }
-  variables_io.save_variables(out_dir, variables, meta)
-  log(f"wrote {os.path.abspath(out_dir)}")
+  written = variables_io.save_variables(out_dir, variables, meta)
+  log(f"wrote {written}")
   return meta
 
 

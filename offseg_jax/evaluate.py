@@ -31,15 +31,15 @@ command on every host (``--coordinator_address`` etc., or a detected cluster).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from input_pipeline import datasets, image_io
+from input_pipeline import datasets, image_io, storage
 from offseg_jax import checkpointing, cli, distributed
 from offseg_jax.evaluation import evaluator as evaluator_lib
 from offseg_jax.evaluation import geometry
@@ -49,15 +49,17 @@ from offseg_jax.evaluation import runner
 FLAGS = flags.FLAGS
 
 
-def default_output_dir(checkpoint: str | None, predictions: str | None = None) -> Path:
+def default_output_dir(checkpoint: str | None, predictions: str | None = None
+                       ) -> epath.Path:
   """The workdir of a training checkpoint, else the checkpoint's directory.
 
   For ``--predictions DIR`` it is ``DIR/../eval`` (next to ``predict``'s
-  ``raw/`` folder) so results never mix with the PNGs being scored.
+  ``raw/`` folder) so results never mix with the PNGs being scored. Local
+  paths are made absolute; ``gs://`` ones stay as they are.
   """
   if predictions:
-    return Path(predictions).resolve().parent / "eval"
-  path = Path(checkpoint).resolve()
+    return storage.absolute(predictions).parent / "eval"
+  path = storage.absolute(checkpoint)
   # Inside a training workdir results go to WORKDIR/eval, never over the
   # trainer's own metrics.json.
   if (path / "checkpoints").is_dir():
@@ -69,7 +71,7 @@ def default_output_dir(checkpoint: str | None, predictions: str | None = None) -
   return path if path.is_dir() else path.parent
 
 
-def _workdir_of(checkpoint: str | None) -> Path | None:
+def _workdir_of(checkpoint: str | None) -> epath.Path | None:
   if not checkpoint:
     return None
   out = default_output_dir(checkpoint)
@@ -121,7 +123,7 @@ def run(config=None, checkpoint: str | None = None, *, predictions: str | None =
 
   if jax.process_index() == 0:
     print(report_lib.format_summary(summary), flush=True)
-    out_dir = Path(output) if output else default_output_dir(checkpoint, predictions)
+    out_dir = epath.Path(output) if output else default_output_dir(checkpoint, predictions)
     num_images = extra.get("num_images")
     if num_images is None:
       num_images = len(datasets.build_source(config.data, split))

@@ -10,7 +10,8 @@ agree with it on the model and dataset); converted checkpoints need
 model's size divisor and the prediction cropped back.
 
 For every image (a file, or every image under a folder, recursively) it writes,
-keeping the input's relative path and stem:
+keeping the input's relative path and stem (``--input`` and ``--output`` may be
+local or ``gs://`` paths: every file goes through ``etils.epath``):
 
 * ``OUT/palette/<stem>.png``: the prediction as a palette PNG (class colours);
 * ``OUT/overlay/<stem>.png``: the colours blended over the image
@@ -27,11 +28,12 @@ process takes a share); the prediction has the image's original size.
 
 from __future__ import annotations
 
+import io
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import cv2
+from etils import epath
 import jax
 import numpy as np
 from absl import app, flags, logging
@@ -39,6 +41,7 @@ from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
+from input_pipeline import storage
 from offseg_jax import checkpointing, cli, distributed
 from offseg_jax.evaluation import evaluator as evaluator_lib
 from offseg_jax.evaluation import report
@@ -48,26 +51,29 @@ FLAGS = flags.FLAGS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def list_images(path: str | Path) -> list[tuple[Path, Path]]:
+def list_images(path: str | epath.PathLike) -> list[tuple[epath.Path, epath.Path]]:
   """``(file, relative path)`` of an image file or of every image under a folder."""
-  path = Path(path)
+  path = epath.Path(path)
   if path.is_file():
-    return [(path, Path(path.name))]
+    return [(path, epath.Path(path.name))]
   if not path.is_dir():
     raise FileNotFoundError(f"--input {path} is neither an image file nor a folder")
-  files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+  files = sorted((directory / f, epath.Path(rel + f))
+                 for directory, rel, names in storage.walk(path) for f in names
+                 if epath.Path(f).suffix.lower() in IMAGE_SUFFIXES)
   if not files:
     raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-  return [(p, p.relative_to(path)) for p in files]
+  return files
 
 
 class UnreadableImageError(ValueError):
   """An input file that is not a readable image (the message names it)."""
 
 
-def read_image(path: str | Path):
+def read_image(path: str | epath.PathLike):
   """An image file as HxWx3 uint8 RGB; unreadable files raise naming the file."""
-  data = np.fromfile(str(path), np.uint8) if Path(path).is_file() else None
+  file = epath.Path(path)
+  data = np.frombuffer(file.read_bytes(), np.uint8) if file.is_file() else None
   image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
   if image is None:
     raise UnreadableImageError(f"cannot read image file {path}: not an image, or corrupt")
@@ -82,7 +88,7 @@ class ImageFiles:
   """Image files as an evaluator source: ``load(i)`` decodes file ``i`` (no
   label), ``example_size(i)`` reads its size from the header."""
 
-  def __init__(self, files: Sequence[tuple[Path, Path]]):
+  def __init__(self, files: Sequence[tuple[epath.Path, epath.Path]]):
     self.files = list(files)
 
   def __len__(self) -> int:
@@ -92,7 +98,7 @@ class ImageFiles:
     """(H, W) of the decoded image, from the header (EXIF rotation included)."""
     path = self.files[index][0]
     try:
-      with Image.open(path) as image:
+      with epath.Path(path).open("rb") as f, Image.open(f) as image:
         width, height = image.size
         orientation = image.getexif().get(0x0112, 1)
     except (OSError, SyntaxError, ValueError) as e:
@@ -116,25 +122,32 @@ def raw_labels(pred, reduce_zero_label: bool):
   return raw.astype(np.uint8)
 
 
-def write_outputs(out_dir: Path, rel: Path, image, pred, palette, reduce_zero_label: bool,
-                  opacity: float) -> dict[str, Path]:
+def _write_png(image: Image.Image, path: epath.Path) -> None:
+  """``image.save(path)`` through epath: encoded in memory, written as bytes."""
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  path.write_bytes(buffer.getvalue())
+
+
+def write_outputs(out_dir, rel, image, pred, palette, reduce_zero_label: bool,
+                  opacity: float) -> dict[str, epath.Path]:
   """Writes the palette, overlay and raw PNGs of one image."""
-  stem = rel.with_suffix(".png")
-  paths = {kind: out_dir / kind / stem for kind in ("palette", "overlay", "raw")}
+  stem = epath.Path(rel).with_suffix(".png")
+  paths = {kind: epath.Path(out_dir) / kind / stem for kind in ("palette", "overlay", "raw")}
   for p in paths.values():
     p.parent.mkdir(parents=True, exist_ok=True)
   palette = np.asarray(palette, np.uint8)
   indexed = Image.fromarray(np.asarray(pred).astype(np.uint8))   # 'L', becomes 'P' below
   indexed.putpalette(palette.reshape(-1).tolist())
-  indexed.save(paths["palette"])
-  Image.fromarray(report.overlay(image, pred, palette, opacity)).save(paths["overlay"])
-  Image.fromarray(raw_labels(pred, reduce_zero_label)).save(paths["raw"])
+  _write_png(indexed, paths["palette"])
+  _write_png(Image.fromarray(report.overlay(image, pred, palette, opacity)), paths["overlay"])
+  _write_png(Image.fromarray(raw_labels(pred, reduce_zero_label)), paths["raw"])
   return paths
 
 
-def run(config, checkpoint: str, inputs: str | Path, output: str | Path, *,
-        opacity: float = 0.5, mode: str | None = None, tta: bool | None = None,
-        which: str = "latest", progress: bool = True) -> list[dict[str, Path]]:
+def run(config, checkpoint: str, inputs: str | epath.PathLike, output: str | epath.PathLike,
+        *, opacity: float = 0.5, mode: str | None = None, tta: bool | None = None,
+        which: str = "latest", progress: bool = True) -> list[dict[str, epath.Path]]:
   """Predicts every image of ``inputs`` (this process's share); returns the
   written paths per image, in input order. ``config`` may be None for a
   training checkpoint (its own config is used)."""
@@ -143,8 +156,8 @@ def run(config, checkpoint: str, inputs: str | Path, output: str | Path, *,
   files = list_images(inputs)
   config, model, variables, info = evaluator_lib.load_for_eval(checkpoint, config, which=which)
   evaluator = evaluator_lib.Evaluator(model, config, mode=mode, tta=tta)
-  out_dir = Path(output)
-  written: dict[int, dict[str, Path]] = {}
+  out_dir = epath.Path(output)
+  written: dict[int, dict[str, epath.Path]] = {}
   bar = tqdm(total=len(files), unit="img",
              disable=not progress or len(files) == 1 or jax.process_index() != 0)
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -343,11 +344,13 @@ class LossWatch:
         raise FloatingPointError(f"loss is {value} at step {step}")
 
 
-def lock_workdir(workdir: epath.Path) -> workdir_lock.WorkdirLock:
-  """Takes ``WORKDIR/lock.json`` on process 0 (every process raises if it is held)."""
-  lock = workdir_lock.WorkdirLock(workdir)
+@contextlib.contextmanager
+def lock_workdir(workdir: epath.Path):
+  """Holds ``WORKDIR/lock.json`` from process 0 for the run (every process
+  raises ``WorkdirBusyError`` if another run holds it)."""
+  lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
   error = ""
-  if jax.process_index() == 0:
+  if lock is not None:
     try:
       lock.acquire()
     except workdir_lock.WorkdirBusyError as e:
@@ -357,7 +360,11 @@ def lock_workdir(workdir: epath.Path) -> workdir_lock.WorkdirLock:
       error = f"workdir {workdir} is in use by another run (see process 0's log)"
   if error:
     raise workdir_lock.WorkdirBusyError(error)
-  return lock
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:

@@ -38,8 +38,9 @@ import io
 import os
 import pickle
 import zipfile
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
+from etils import epath
 import ml_dtypes
 import numpy as np
 
@@ -271,8 +272,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # File formats
 # ----------------------------------------------------------------------------
 
-def _load_zip(path: str) -> Any:
-  with zipfile.ZipFile(path) as zf:
+def _load_zip(file: BinaryIO, path: str) -> Any:
+  with zipfile.ZipFile(file) as zf:
     names = zf.namelist()
     roots = [n[: -len("data.pkl")] for n in names
              if n.endswith("data.pkl") and n.count("/") == 1]
@@ -321,7 +322,7 @@ def _torch_to_numpy(obj):
   return obj
 
 
-def _load_legacy(path: str) -> Any:
+def _load_legacy(file: BinaryIO, path: str) -> Any:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -329,7 +330,7 @@ def _load_legacy(path: str) -> Any:
         f"{path}: a legacy (pre-zip) torch checkpoint; reading it needs torch. "
         "Install torch, or re-save it with torch >= 1.6 (torch.save(torch.load(f), f)).") from None
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(file, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:   # weights_only refuses foreign classes
     raise CheckpointReadError(
         f"{path}: a legacy (pre-zip) torch checkpoint holding objects that "
@@ -346,15 +347,19 @@ def load_pickle(path: str | os.PathLike) -> Any:
       torch checkpoint; the message names the file.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  file_path = epath.Path(path)       # local, gs://, ...
+  if not file_path.is_file():
     raise CheckpointReadError(f"{path}: no such checkpoint file")
   try:
-    if zipfile.is_zipfile(path):
-      return _load_zip(path)
-    with open(path, "rb") as f:
+    with file_path.open("rb") as f:  # zipfile and torch.load read (and seek) the file object
+      if zipfile.is_zipfile(f):
+        f.seek(0)
+        return _load_zip(f, path)
+      f.seek(0)
       head = f.read(2)
-    if head[:1] == b"\x80":         # a bare pickle: the legacy torch format
-      return _load_legacy(path)
+      if head[:1] == b"\x80":       # a bare pickle: the legacy torch format
+        f.seek(0)
+        return _load_legacy(f, path)
   except CheckpointReadError:
     raise
   except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, ValueError,

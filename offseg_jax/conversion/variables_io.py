@@ -8,6 +8,10 @@ A converted checkpoint is a directory::
 written by ``python -m offseg_jax.convert``. A backbone-only checkpoint holds
 just ``params/backbone`` and ``batch_stats/backbone``; a trainer initialises
 fresh variables and calls :func:`merge_into` to put it in place.
+
+``OUT_DIR`` may be local or a ``gs://`` (or other ``etils.epath``) URL: the
+directory checks and ``meta.json`` go through epath, the arrays through orbax
+(which handles such paths itself).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import json
 import os
 from typing import Any, Mapping
 
+from etils import epath
 import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from input_pipeline import storage
 
 VARIABLES_DIR = "variables"
 META_FILE = "meta.json"
@@ -45,19 +52,38 @@ def _name_list(paths, limit: int = 20) -> str:
   return ", ".join(names[:limit]) + more
 
 
+# The orbax calls, in one place (tests serve them a fake remote file system).
+
+def _orbax_save(path: epath.Path, tree) -> None:
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, tree, force=True)
+    checkpointer.wait_until_finished()
+
+
+def _orbax_metadata(path: epath.Path):
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.metadata(path)
+
+
+def _orbax_restore(path: epath.Path, target=None):
+  with ocp.StandardCheckpointer() as checkpointer:
+    if target is None:
+      return checkpointer.restore(path)
+    return checkpointer.restore(path, target)
+
+
 def is_converted_checkpoint(path: str | os.PathLike) -> bool:
   """True if ``path`` is a directory written by :func:`save_variables`."""
-  path = os.fspath(path)
-  return (os.path.isdir(os.path.join(path, VARIABLES_DIR))
-          and os.path.isfile(os.path.join(path, META_FILE)))
+  path = epath.Path(path)
+  return (path / VARIABLES_DIR).is_dir() and (path / META_FILE).is_file()
 
 
-def _checkpoint_dir(path: str | os.PathLike) -> str:
-  path = os.path.abspath(os.fspath(path))
+def _checkpoint_dir(path: str | os.PathLike) -> epath.Path:
+  path = storage.absolute(path)
   if is_converted_checkpoint(path):
     return path
-  parent = os.path.dirname(path)
-  if os.path.basename(path) == VARIABLES_DIR and is_converted_checkpoint(parent):
+  parent = path.parent
+  if path.name == VARIABLES_DIR and is_converted_checkpoint(parent):
     return parent
   raise FileNotFoundError(
       f"{path}: not a converted checkpoint (expected {VARIABLES_DIR}/ and {META_FILE}; "
@@ -69,30 +95,24 @@ def save_variables(out_dir: str | os.PathLike, variables: Mapping[str, Any],
   """Writes ``variables`` (numpy or jax arrays) and ``meta`` under ``out_dir``.
 
   An existing converted checkpoint in ``out_dir`` is overwritten. ``meta`` must
-  be JSON-serialisable. Returns the absolute directory.
+  be JSON-serialisable. Returns the absolute directory (a URL stays a URL).
   """
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.absolute(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   text = json.dumps(dict(meta), indent=1, sort_keys=True)   # fail before writing anything
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(out_dir, VARIABLES_DIR), flax.core.unfreeze(variables),
-                      force=True)
-    checkpointer.wait_until_finished()
-  with open(os.path.join(out_dir, META_FILE), "w") as f:
-    f.write(text + "\n")
-  return out_dir
+  _orbax_save(out_dir / VARIABLES_DIR, flax.core.unfreeze(variables))
+  (out_dir / META_FILE).write_text(text + "\n")
+  return os.fspath(out_dir)
 
 
 def load_meta(path: str | os.PathLike) -> dict:
   """The ``meta.json`` of a converted checkpoint (directory or its variables/)."""
-  with open(os.path.join(_checkpoint_dir(path), META_FILE)) as f:
-    return json.load(f)
+  return json.loads((_checkpoint_dir(path) / META_FILE).read_text())
 
 
 def stored_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
   """``{'params/backbone/...': shape}`` of every stored array, without reading data."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(os.path.join(_checkpoint_dir(path), VARIABLES_DIR))
+  metadata = _orbax_metadata(_checkpoint_dir(path) / VARIABLES_DIR)
   tree = metadata.item_metadata.tree
   return {_path_str(p): tuple(m.shape) for p, m in _flatten(tree).items()}
 
@@ -122,10 +142,9 @@ def load_variables(path: str | os.PathLike, target: Mapping[str, Any] | None = N
       ``target``; the message names every differing key.
   """
   ckpt_dir = _checkpoint_dir(path)
-  variables_path = os.path.join(ckpt_dir, VARIABLES_DIR)
+  variables_path = ckpt_dir / VARIABLES_DIR
   if target is None:
-    with ocp.StandardCheckpointer() as checkpointer:
-      return checkpointer.restore(variables_path)
+    return _orbax_restore(variables_path)
   target = jax.tree.map(_as_restore_target, flax.core.unfreeze(target))
   stored = {tuple(k.split("/")): v for k, v in stored_shapes(ckpt_dir).items()}
   wanted = {p: tuple(leaf.shape) for p, leaf in _flatten(target).items()}
@@ -143,8 +162,7 @@ def load_variables(path: str | os.PathLike, target: Mapping[str, Any] | None = N
       lines.append(f"{len(shapes)} shape mismatches: " + ", ".join(
           f"{_path_str(p)} stored {stored[p]} expected {wanted[p]}" for p in shapes[:20]))
     raise CheckpointMismatchError(f"{ckpt_dir} does not fit the model:\n  " + "\n  ".join(lines))
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(variables_path, target)
+  return _orbax_restore(variables_path, target)
 
 
 @dataclasses.dataclass(frozen=True)

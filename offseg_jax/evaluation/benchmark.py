@@ -52,16 +52,20 @@ def image_sizes(num_images: int, kind: str, rng) -> list[tuple[int, int]]:
 
 
 def write_fake_ade(root: str, num_images: int, kind: str = "distinct", seed: int = 0) -> str:
-  """An ADEChallengeData2016 validation layout under ``root/kind``; returns it."""
+  """An ADEChallengeData2016 validation layout under ``root/kind``; returns it.
+
+  ``root`` may be local or any ``etils.epath`` URL (``gs://...``).
+  """
   import cv2  # pylint: disable=g-import-not-at-top
-  root = os.path.join(root, kind)
-  img_dir = os.path.join(root, "ADEChallengeData2016", "images", "validation")
-  ann_dir = os.path.join(root, "ADEChallengeData2016", "annotations", "validation")
-  marker = os.path.join(root, f"complete_{num_images}_{seed}")
-  if os.path.exists(marker):
-    return root
-  os.makedirs(img_dir, exist_ok=True)
-  os.makedirs(ann_dir, exist_ok=True)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  root = epath.Path(root) / kind
+  img_dir = root / "ADEChallengeData2016" / "images" / "validation"
+  ann_dir = root / "ADEChallengeData2016" / "annotations" / "validation"
+  marker = root / f"complete_{num_images}_{seed}"
+  if marker.exists():
+    return os.fspath(root)
+  img_dir.mkdir(parents=True, exist_ok=True)
+  ann_dir.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
   sizes = image_sizes(num_images, kind, rng)
   for i, (h, w) in enumerate(sizes):
@@ -70,10 +74,11 @@ def write_fake_ade(root: str, num_images: int, kind: str = "distinct", seed: int
     label = cv2.resize(cells, (w, h), interpolation=cv2.INTER_NEAREST)
     image = (rng.normal(0, 20, (h, w, 3)) + label[..., None] * 1.5 + 40).clip(0, 255)
     name = f"ADE_val_{i:08d}"
-    cv2.imwrite(os.path.join(img_dir, name + ".jpg"), image.astype(np.uint8))
-    cv2.imwrite(os.path.join(ann_dir, name + ".png"), label)
-  open(marker, "w").close()
-  return root
+    (img_dir / (name + ".jpg")).write_bytes(cv2.imencode(".jpg", image.astype(np.uint8))[1]
+                                            .tobytes())
+    (ann_dir / (name + ".png")).write_bytes(cv2.imencode(".png", label)[1].tobytes())
+  marker.write_text("")
+  return os.fspath(root)
 
 
 def main(argv=None) -> dict:
@@ -118,7 +123,7 @@ def main(argv=None) -> dict:
   root = write_fake_ade(args.workdir, args.images, args.sizes)
   config = common.base_config()
   config.model = common.model_config(args.model)
-  config.data = common.data_config("ade20k", root=os.path.join(root, "ADEChallengeData2016"),
+  config.data = common.data_config("ade20k", root=root + "/ADEChallengeData2016",
                                    num_threads=2)
   config.eval.mode = args.mode
   config.eval.batch_size = args.batch
@@ -174,7 +179,10 @@ def main(argv=None) -> dict:
       "warm_images_per_s": (round(args.images / min(timings[1:]), 2)
                             if len(timings) > 1 else None)}
   if args.save:
-    np.save(args.save, confusion)
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    save = args.save if args.save.endswith(".npy") else args.save + ".npy"   # as np.save
+    with epath.Path(save).open("wb") as f:
+      np.save(f, confusion)
   print(json.dumps(result), flush=True)
   return result
 

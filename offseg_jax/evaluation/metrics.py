@@ -22,6 +22,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,7 +239,7 @@ _SUMMARY_KEYS = ("aAcc", "mIoU", "mAcc", "mDice", "mFscore", "mPrecision", "mRec
 
 def _load(npz_or_path):
   if isinstance(npz_or_path, (str, os.PathLike)):
-    with np.load(npz_or_path) as data:
+    with epath.Path(npz_or_path).open("rb") as f, np.load(f) as data:
       return {k: data[k] for k in data.files}
   return npz_or_path
 
@@ -262,8 +263,7 @@ def iou_metric_from_fixture(npz, spec) -> dict[str, float]:
   """
   arrays = _load(npz)
   if isinstance(spec, (str, os.PathLike)):
-    with open(spec) as f:
-      spec = json.load(f)
+    spec = json.loads(epath.Path(spec).read_text())
   num_classes = int(spec["num_classes"])
   ignore_index = int(spec.get("ignore_index", 255))
   args = dict(spec.get("metric_args", {}))

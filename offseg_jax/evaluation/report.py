@@ -5,21 +5,27 @@ backend switch), so this works headless and inside other programs. Training
 curves come from the TensorBoard event files of a workdir, read with
 ``tensorboard`` when it is installed and otherwise with a small TFRecord reader
 and tensorboardX's ``Event`` protobuf.
+
+Output folders and workdirs may be local or ``gs://`` (any ``etils.epath``
+path): files are written and read through epath, figures rendered in memory.
+The paths returned are ``epath.Path``.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
 import struct
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from etils import epath
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from input_pipeline import storage
 from offseg_jax.evaluation import metrics
 
 _SUMMARY_ORDER = ("aAcc", "mIoU", "mAcc", "mDice", "mFscore", "mPrecision", "mRecall")
@@ -51,15 +57,19 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
   return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path) -> epath.Path:
+  """Renders ``fig`` in the format of ``path``'s suffix and writes it there."""
+  path = epath.Path(path)
   FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=path.suffix[1:].lower() or None, dpi=100, bbox_inches="tight")
+  path.write_bytes(buffer.getvalue())
   return path
 
 
 # --- figures -------------------------------------------------------------------
 
-def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path) -> Path:
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path) -> epath.Path:
   """Row-normalised confusion matrix (rows: ground truth) as a PNG."""
   confusion = np.asarray(confusion, np.float64)
   k = confusion.shape[0]
@@ -85,10 +95,10 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path) -> P
           ax.text(j, i, f"{rows[i, j]:.2f}", ha="center", va="center", fontsize=6,
                   color="white" if rows[i, j] < 0.6 else "black")
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-  return _save(fig, Path(path))
+  return _save(fig, path)
 
 
-def plot_per_class(summary: Mapping[str, Any], path, key: str = "IoU") -> Path:
+def plot_per_class(summary: Mapping[str, Any], path, key: str = "IoU") -> epath.Path:
   """Bar chart of a per-class metric (percent); NaN classes are left empty."""
   names = list(summary["per_class"])
   values = np.array([summary["per_class"][n].get(key, np.nan) for n in names], np.float64)
@@ -105,11 +115,11 @@ def plot_per_class(summary: Mapping[str, Any], path, key: str = "IoU") -> Path:
   ax.set_ylim(0, 100)
   ax.set_ylabel(f"{key} (%)")
   ax.set_title(f"Per-class {key}")
-  return _save(fig, Path(path))
+  return _save(fig, path)
 
 
 def plot_samples(samples: Sequence[Mapping[str, Any]], palette: np.ndarray, path,
-                 opacity: float = 0.5) -> Path:
+                 opacity: float = 0.5) -> epath.Path:
   """Rows of (image | ground truth | prediction) overlays.
 
   Each sample is ``{'name', 'image' [H,W,3] uint8, 'label' [H,W], 'pred' [H,W]}``.
@@ -125,22 +135,24 @@ def plot_samples(samples: Sequence[Mapping[str, Any]], palette: np.ndarray, path
       ax.imshow(picture)
       ax.set_axis_off()
       ax.set_title(f"{sample.get('name', row)}: {title}" if col == 0 else title, fontsize=9)
-  return _save(fig, Path(path))
+  return _save(fig, path)
 
 
 # --- TensorBoard scalars -------------------------------------------------------
 
-def _event_files(logdir: Path) -> list[Path]:
-  return sorted(p for p in Path(logdir).rglob("events.out.tfevents.*") if p.is_file())
+def _event_files(logdir) -> list[epath.Path]:
+  """Every ``events.out.tfevents.*`` file under ``logdir`` (recursively), sorted."""
+  return sorted(directory / f for directory, _, files in storage.walk(logdir)
+                for f in files if f.startswith("events.out.tfevents."))
 
 
-def _tfrecords(path: Path) -> Iterable[bytes]:
+def _tfrecords(path) -> Iterable[bytes]:
   """Payloads of a TFRecord file: [u64 length][u32 crc][data][u32 crc]...
 
   CRCs are not checked; a truncated last record (a file still being written)
   ends the iteration.
   """
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     while True:
       header = f.read(12)
       if len(header) < 12:
@@ -169,7 +181,7 @@ def _scalar_of(value) -> float | None:
   return None
 
 
-def _read_with_tensorboard(files: Sequence[Path]) -> dict[str, list[tuple[int, float]]]:
+def _read_with_tensorboard(files: Sequence[epath.Path]) -> dict[str, list[tuple[int, float]]]:
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   out: dict[str, list[tuple[int, float]]] = {}
   for path in files:
@@ -180,7 +192,7 @@ def _read_with_tensorboard(files: Sequence[Path]) -> dict[str, list[tuple[int, f
   return out
 
 
-def _read_with_protobuf(files: Sequence[Path]) -> dict[str, list[tuple[int, float]]]:
+def _read_with_protobuf(files: Sequence[epath.Path]) -> dict[str, list[tuple[int, float]]]:
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   out: dict[str, list[tuple[int, float]]] = {}
   for path in files:
@@ -201,7 +213,7 @@ def _read_with_protobuf(files: Sequence[Path]) -> dict[str, list[tuple[int, floa
 
 def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
   """``{tag: [(step, value), ...]}`` from every event file under ``logdir``."""
-  files = _event_files(Path(logdir))
+  files = _event_files(logdir)
   if not files:
     return {}
   try:
@@ -212,7 +224,7 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_training_curves(scalars: Mapping[str, Sequence[tuple[int, float]]], path,
-                         max_panels: int = 12) -> Path | None:
+                         max_panels: int = 12) -> epath.Path | None:
   """One panel per scalar tag (losses and mIoU first); None if there are none."""
   if not scalars:
     return None
@@ -234,7 +246,7 @@ def plot_training_curves(scalars: Mapping[str, Sequence[tuple[int, float]]], pat
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  return _save(fig, Path(path))
+  return _save(fig, path)
 
 
 # --- files ---------------------------------------------------------------------
@@ -257,15 +269,15 @@ def metrics_dict(summary: Mapping[str, Any], meta: Mapping[str, Any] | None = No
 
 def save_results(output_dir, summary: Mapping[str, Any], confusion: np.ndarray,
                  class_names: Sequence[str], meta: Mapping[str, Any] | None = None
-                 ) -> dict[str, Path]:
+                 ) -> dict[str, epath.Path]:
   """Writes ``metrics.json``, ``confusion.npy`` and ``confusion.png``."""
-  output_dir = Path(output_dir)
+  output_dir = epath.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   paths = {"metrics": output_dir / "metrics.json", "confusion_npy": output_dir / "confusion.npy",
            "confusion_png": output_dir / "confusion.png"}
-  with open(paths["metrics"], "w") as f:
-    json.dump(metrics_dict(summary, meta), f, indent=2)
-  np.save(paths["confusion_npy"], np.asarray(confusion, np.int64))
+  paths["metrics"].write_text(json.dumps(metrics_dict(summary, meta), indent=2))
+  with paths["confusion_npy"].open("wb") as f:
+    np.save(f, np.asarray(confusion, np.int64))
   plot_confusion(confusion, class_names, paths["confusion_png"])
   return paths
 
@@ -283,7 +295,8 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def write_report(output_dir, summary: Mapping[str, Any], confusion: np.ndarray,
                  class_names: Sequence[str], palette: np.ndarray,
                  samples: Sequence[Mapping[str, Any]] = (), workdir=None,
-                 meta: Mapping[str, Any] | None = None, draw_confusion: bool = True) -> Path:
+                 meta: Mapping[str, Any] | None = None, draw_confusion: bool = True
+                 ) -> epath.Path:
   """Writes ``report.md`` and its figures into ``output_dir``; returns its path.
 
   Figures: ``per_class_iou.png``, ``confusion.png`` (unless ``draw_confusion``
@@ -291,7 +304,7 @@ def write_report(output_dir, summary: Mapping[str, Any], confusion: np.ndarray,
   ``samples``) and ``training_curves.png`` (if ``workdir`` holds TensorBoard
   event files).
   """
-  output_dir = Path(output_dir)
+  output_dir = epath.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   figures = {}
   figures["per-class IoU"] = plot_per_class(summary, output_dir / "per_class_iou.png")
@@ -328,7 +341,7 @@ def write_report(output_dir, summary: Mapping[str, Any], confusion: np.ndarray,
     lines += ["## Most frequent confusions", "",
               _markdown_table(["ground truth", "predicted as", "% of its pixels"], worst), ""]
   for title, path in figures.items():
-    lines += [f"## {title[0].upper() + title[1:]}", "", f"![{title}]({Path(path).name})", ""]
+    lines += [f"## {title[0].upper() + title[1:]}", "", f"![{title}]({epath.Path(path).name})", ""]
   report = output_dir / "report.md"
   report.write_text("\n".join(lines))
   return report

@@ -12,9 +12,9 @@ own label convention) against a split: process ``p`` of ``P`` takes images
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable
 
+from etils import epath
 import jax
 import numpy as np
 from PIL import Image
@@ -84,7 +84,7 @@ def evaluate_model(model: Any, variables, config, split: str = "val",
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
   """A single-channel label PNG as uint8 (palette PNGs give their indices)."""
   try:
-    with Image.open(path) as image:
+    with epath.Path(path).open("rb") as f, Image.open(f) as image:
       if image.mode not in ("L", "P", "I", "I;16"):
         raise ValueError(f"{path}: expected a single-channel label PNG, got mode {image.mode}")
       return np.asarray(image).astype(np.int64)
@@ -118,7 +118,7 @@ def score_predictions(pred_dir: str | os.PathLike, config, split: str = "val",
   stems ``predict`` writes, in the dataset's label convention: +1 for
   reduce_zero_label datasets). Missing files are an error listing them.
   """
-  pred_dir = Path(pred_dir)
+  pred_dir = epath.Path(pred_dir)
   info = datasets.dataset_info(config.data)
   source = datasets.build_source(config.data, split)
   count = len(source) if max_images is None else min(int(max_images), len(source))

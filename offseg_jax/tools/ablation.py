@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -43,13 +44,12 @@ def run_ablation(config, workdir: str, steps: int, seeds: list[int],
       c.eval_every = steps
       c.checkpoint_every = steps
       c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, max(steps // 10, 1))
-      run_dir = os.path.join(workdir, f"{kind}_seed{seed}")
-      metrics_file = os.path.join(run_dir, "metrics.json")
-      if os.path.exists(metrics_file):
-        with open(metrics_file) as f:
-          summary = json.load(f)
+      run_dir = epath.Path(workdir) / f"{kind}_seed{seed}"
+      metrics_file = run_dir / "metrics.json"
+      if metrics_file.exists():
+        summary = json.loads(metrics_file.read_text())
       else:
-        summary = train.train_and_evaluate(c, run_dir)
+        summary = train.train_and_evaluate(c, os.fspath(run_dir))
       results.setdefault(kind, []).append(float(summary["mIoU"]))
   return results
 
@@ -75,11 +75,10 @@ def main(argv):
   results = run_ablation(config, FLAGS.workdir, FLAGS.steps, seeds)
   table = format_results(results, FLAGS.steps, config.batch_size)
   print(table)
-  with open(os.path.join(FLAGS.workdir, "ablation.md"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(FLAGS.workdir, "ablation.json"), "w") as f:
-    json.dump({"steps": FLAGS.steps, "batch_size": config.batch_size, "mIoU": results}, f,
-              indent=1)
+  workdir = epath.Path(FLAGS.workdir)
+  (workdir / "ablation.md").write_text(table + "\n")
+  (workdir / "ablation.json").write_text(json.dumps(
+      {"steps": FLAGS.steps, "batch_size": config.batch_size, "mIoU": results}, indent=1))
 
 
 if __name__ == "__main__":

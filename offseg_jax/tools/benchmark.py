@@ -24,6 +24,7 @@ import json
 import time
 from typing import Any, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,8 +183,7 @@ def main(argv):
                       modes=FLAGS.modes)
   print(json.dumps(results))
   if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      json.dump(results, f, indent=2)
+    epath.Path(FLAGS.output).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import re
 import sys
 from typing import Any, Callable
 
+from etils import epath
 import flax
 import jax
 import jax.extend as jex
@@ -235,13 +236,12 @@ def _reference(model_name: str, height: int, width: int, batch: int) -> dict | N
   """The model's row of shared/parity/figures.json at 512x512, when available."""
   if (height, width, batch) != (512, 512, 1):
     return None
-  shared = os.environ.get("OFFSEG_SHARED") or os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared")
-  path = os.path.join(shared, "parity", "figures.json")
-  if not os.path.isfile(path):
+  # <repo>/../shared next to this package's repository (module files are local).
+  shared = os.environ.get("OFFSEG_SHARED") or epath.Path(__file__).resolve().parents[3] / "shared"
+  path = epath.Path(shared) / "parity" / "figures.json"
+  if not path.is_file():
     return None
-  with open(path) as f:
-    rows = {row["model"]: row for row in json.load(f)}
+  rows = {row["model"]: row for row in json.loads(path.read_text())}
   return rows.get(model_name)
 
 

@@ -35,11 +35,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import signal
 import sys
 import time
 
+from input_pipeline import storage
 from offseg_jax import models
 from offseg_jax.tools import complexity
 
@@ -329,9 +329,9 @@ def main(argv=None) -> int:
     command += f" --out {args.out}"
   report = to_markdown(rows, command)
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      f.write(report)
+    out = storage.absolute(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
   print(report)
   return 0
 

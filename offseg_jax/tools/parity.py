@@ -34,6 +34,7 @@ import sys
 import time
 from typing import Any, Mapping
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,15 +73,19 @@ _METRIC_DEFAULT_TOLERANCES = (("table/*", 0.01), ("total/*", 0.0), ("overall/*",
 def default_fixture_dir() -> str:
   """``$OFFSEG_SHARED/parity``, else ``<repo>/../shared/parity``."""
   shared = os.environ.get("OFFSEG_SHARED")
-  if not shared:
-    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
-                          "shared")
-  return os.path.normpath(os.path.join(shared, "parity"))
+  if not shared:   # next to this package's repository (module files are local)
+    shared = epath.Path(__file__).resolve().parents[3] / "shared"
+  return os.fspath(epath.Path(shared) / "parity")
 
 
 def _paths(path: str) -> tuple[str, str, str]:
   stem = re.sub(r"\.(npz|json)$", "", os.fspath(path))
-  return os.path.basename(stem), stem + ".npz", stem + ".json"
+  return epath.Path(stem).name, stem + ".npz", stem + ".json"
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  with epath.Path(path).open("rb") as f, np.load(f) as data:
+    return {k: data[k] for k in data.files}
 
 
 def _find_entry(kind: str, build: str):
@@ -266,8 +271,7 @@ def check_fixture(path: str | os.PathLike) -> dict:
   """
   start = time.time()
   name, npz_path, json_path = _paths(os.fspath(path))
-  with open(json_path) as f:
-    spec = json.load(f)["parity"]
+  spec = json.loads(epath.Path(json_path).read_text())["parity"]
   kind, build = spec["kind"], spec["build"]
   result: dict[str, Any] = {"fixture": name, "kind": kind, "build": build}
   if kind not in KIND_REGISTRIES:
@@ -282,8 +286,7 @@ def check_fixture(path: str | os.PathLike) -> dict:
     result.update({"pass": False, "skipped": "not registered", "errors": {},
                    "reason": f"{build} is registered without from_official"})
     return result
-  with np.load(npz_path) as data:
-    arrays = {k: data[k] for k in data.files}
+  arrays = _load_npz(npz_path)
   module = entry.from_official(spec.get("official_config", {}), spec.get("num_classes"))
   positional, keywords = fixture_inputs(arrays, spec.get("inputs", ["input"]))
   state = fixture_state(arrays, kind)
@@ -299,8 +302,8 @@ def check_fixture(path: str | os.PathLike) -> dict:
 def _expand(paths) -> list[str]:
   out = []
   for p in paths:
-    if os.path.isdir(p):
-      out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".npz"))
+    if epath.Path(p).is_dir():
+      out += sorted(os.fspath(f) for f in epath.Path(p).iterdir() if f.name.endswith(".npz"))
     else:
       out.append(p)
   return out
