@@ -26,5 +26,5 @@ gcloud compute tpus tpu-vm scp "$ARCHIVE" "$TPU":/tmp/offseg_jax.tar.gz --zone="
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command "
   set -e
   rm -rf ~/offseg_jax && mkdir -p ~/offseg_jax && tar -xzf /tmp/offseg_jax.tar.gz -C ~/offseg_jax
-  cd ~/offseg_jax && pip install -q -r requirements.txt 'jax[tpu]' && pip install -q --no-deps -e .
+  cd ~/offseg_jax && pip install -q -r requirements.txt 'jax[tpu]' gcsfs && pip install -q --no-deps -e .
   python -m offseg_jax.main --config=$CONFIG --workdir=$WORKDIR$EXTRA"
