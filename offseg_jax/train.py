@@ -1,9 +1,11 @@
 """Training and evaluation loop, top to bottom.
 
 ``train_and_evaluate(config, workdir)``:
-  1. mesh over all devices ('data' axis), process-local input pipeline;
+  1. mesh over all devices from ``config.mesh`` (named axes, e.g. ('data',) or
+     ('data', 'fsdp')), process-local input pipeline;
   2. model from the registry; ``jax.eval_shape`` of the init -> shardings from the
-     config's regex rules -> jitted init directly into those shardings;
+     config's ordered (regex -> replicate | fsdp | spec) rules
+     (``offseg_jax.sharding``) -> jitted init directly into those shardings;
   3. AdamW with the official parameter groups and warm-up + poly schedule;
   4. resume from ``WORKDIR/checkpoints`` if present (params, optimizer, step and
      RNG, onto this run's mesh; the data order follows from the step), else
@@ -23,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import re
 import time
 from typing import Any
 
@@ -39,59 +40,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from input_pipeline import check as data_check
 from input_pipeline import datasets, image_io, loader
-from offseg_jax import checkpointing, losses, optim, preemption, workdir_lock
+from offseg_jax import checkpointing, losses, optim, preemption, sharding, workdir_lock
 from offseg_jax.evaluation import evaluator as evaluator_lib
 from offseg_jax.evaluation import metrics as metrics_lib
 from offseg_jax.models.construction import create_model, init_variables, parameter_table
 
 # Train state: a plain dict pytree (big_vision style), saved whole by orbax.
 State = dict[str, Any]
-
-
-# ----------------------------------------------------------------------------
-# Mesh and parameter placement.
-# ----------------------------------------------------------------------------
-
-def make_mesh(config) -> jax.sharding.Mesh:
-  """Mesh from ``config.mesh`` (shape with one -1 filled by the device count)."""
-  shape = list(config.mesh.shape)
-  axes = tuple(config.mesh.axes)
-  n = jax.device_count()
-  if shape.count(-1) > 1:
-    raise ValueError(f"config.mesh.shape={tuple(shape)} has more than one -1")
-  if -1 in shape:
-    rest = int(np.prod([s for s in shape if s != -1]))
-    shape[shape.index(-1)] = n // rest
-  if int(np.prod(shape)) != n:
-    raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)} does not cover {n} devices")
-  return jax.make_mesh(tuple(shape), axes,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
-
-
-def state_shardings(abstract_state, mesh, rules):
-  """NamedShardings for every state leaf from ``(regex, spec)`` rules.
-
-  The path of a leaf is its keys joined by '/', e.g. 'params/backbone/stem/conv/
-  kernel' (optimizer moments share their parameter's path suffix, so a rule for
-  a parameter also places its Adam moments). Unmatched leaves are replicated.
-  """
-  compiled = [(re.compile(rx), tuple(spec)) for rx, spec in rules]
-
-  def place(path, leaf):
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
-    for rx, spec in compiled:
-      if rx.search(name):
-        if len(spec) > len(leaf.shape):
-          spec = ()                   # scalars and small leaves stay replicated
-        for dim, axis in zip(leaf.shape, spec):
-          if axis is not None and dim % mesh.shape[axis]:
-            raise ValueError(f"sharding rule {rx.pattern!r} puts {name} dim {dim} "
-                             f"on mesh axis {axis!r} of size {mesh.shape[axis]}")
-        return NamedSharding(mesh, P(*spec))
-    return NamedSharding(mesh, P())
-
-  return jax.tree_util.tree_map_with_path(place, abstract_state)
 
 
 # ----------------------------------------------------------------------------
@@ -215,21 +170,6 @@ def make_init_state(model, config, tx, state_rng):
             "opt_state": tx.init(variables["params"]), "rng": state_rng}
 
   return init_state
-
-
-def check_batch_split(config, mesh) -> None:
-  """The global batch must split over the 'data' devices and the micro-batches."""
-  devices = mesh.shape["data"]
-  k = int(config.get("grad_accum_steps", 1))
-  if k < 1:
-    raise ValueError(f"config.grad_accum_steps must be >= 1, got {k}")
-  if config.batch_size % devices:
-    raise ValueError(f"global batch_size={config.batch_size} is not divisible by the "
-                     f"{devices} devices of the 'data' mesh axis")
-  if config.batch_size % (devices * k):
-    raise ValueError(f"global batch_size={config.batch_size} does not split into "
-                     f"grad_accum_steps={k} micro-batches of a multiple of the {devices} "
-                     f"'data' devices")
 
 
 def check_data(config, splits=("train", "val")) -> None:
@@ -384,10 +324,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
 
 def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
-  mesh = make_mesh(config)
+  mesh = sharding.make_mesh(config)
   info = datasets.dataset_info(config.data)
   num_classes = info.num_classes
-  check_batch_split(config, mesh)
+  sharding.check_batch_split(config, mesh)
   _log(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: "
        f"{jax.process_count()}, mesh: {dict(mesh.shape)}; dataset {info.name} "
        f"({num_classes} classes); model {config.model.name}")
@@ -403,9 +343,9 @@ def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
 
   init_state = make_init_state(model, config, tx, state_rng)
   abstract_state = jax.eval_shape(init_state, init_rng)
-  shardings = state_shardings(abstract_state, mesh, config.sharding_rules)
+  shardings = sharding.config_state_shardings(abstract_state, mesh, config)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_vars["params"]))
-  _log(f"parameters: {num_params / 1e6:.3f} M")
+  _log(f"parameters: {num_params / 1e6:.3f} M; {sharding.placement_summary(abstract_state, shardings)}")
   if jax.process_index() == 0:      # the per-parameter table goes to a file, not the log
     table_path = workdir / "parameters.txt"
     table_path.write_text(parameter_table(abstract_vars["params"]) + "\n")
@@ -444,9 +384,10 @@ def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
   t_last, step_last = time.time(), step
   summary = None
   loss_watch = LossWatch()
+  batch_axes = sharding.batch_partition(config, mesh)
   try:
     while step < total:
-      batch = loader.to_global(next(train_iter), mesh)
+      batch = loader.to_global(next(train_iter), mesh, axis=batch_axes)
       state, step_metrics = train_step(state, batch)
       step += 1
       loss_watch.add(step, step_metrics["loss"])

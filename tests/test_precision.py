@@ -26,7 +26,7 @@ import pytest
 
 from experiments.configs import common, default
 from input_pipeline import loader
-from offseg_jax import losses, optim, train
+from offseg_jax import losses, optim, sharding, train
 from offseg_jax.models import classifiers, compose, construction, layers, segmentor
 from offseg_jax.registry import MODELS
 from offseg_jax.tools import aot
@@ -293,8 +293,8 @@ def test_accumulated_micro_batches_equal_one_large_batch():
   with pytest.raises(ValueError, match="grad_accum_steps=3"):
     jax.eval_shape(step, state, batch)
   with pytest.raises(ValueError, match="micro-batches"):
-    train.check_batch_split(ml_collections.ConfigDict({"batch_size": 8, "grad_accum_steps": 3}),
-                            mesh)
+    sharding.check_batch_split(ml_collections.ConfigDict({"batch_size": 8, "grad_accum_steps": 3}),
+                               mesh)
 
 
 # ----------------------------------------------------------------------------

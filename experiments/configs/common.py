@@ -71,11 +71,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.metrics = ("mIoU",)
   c.eval.nan_to_num = config_dict.placeholder(float)
 
-  # Device mesh: one 'data' axis over all devices (-1 = fill).
-  c.mesh = ml_collections.ConfigDict({"shape": (-1,), "axes": ("data",)})
-  # Parameter placement: (regex over 'params/a/b/kernel' paths, PartitionSpec
-  # entries); first match wins, unmatched parameters are replicated.
-  c.sharding_rules = ((".*", ()),)
+  # Device mesh (offseg_jax.sharding): named axes, one size each, exactly one -1
+  # (the remaining devices). The batch is split over mesh.batch_axes (None: every
+  # axis). Default: one 'data' axis over all devices, everything replicated.
+  c.mesh = ml_collections.ConfigDict({"shape": (-1,), "axes": ("data",),
+                                      "batch_axes": config_dict.placeholder(tuple)})
+  # State placement: ordered (regex, rule) pairs over parameter-relative paths
+  # ('backbone/stem/conv/kernel'; optimizer moments follow their parameter),
+  # first match wins, unmatched leaves replicated. A rule is 'replicate',
+  # 'fsdp' / 'fsdp:<axis>' (largest divisible dimension split over the axis,
+  # leaves of at least fsdp_min_size elements) or a PartitionSpec tuple such as
+  # (None, None, None, "fsdp"). FSDP over pairs of devices, batch over all:
+  #   --config.mesh.shape='(-1,2)' --config.mesh.axes='("data","fsdp")' \
+  #   --config.sharding_rules='((".*","fsdp"),)'
+  c.sharding_rules = ((".*", "replicate"),)
+  c.fsdp_min_size = 2 ** 14         # elements (64 KiB in float32)
   return c
 
 

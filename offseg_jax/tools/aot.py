@@ -6,7 +6,8 @@ r"""Ahead-of-time check: compile the train step for a target mesh, without runni
   python -m offseg_jax.tools.aot --config=... --topology=v5e:2x4     # needs libtpu
 
 Builds exactly the trainer's jitted step (model, optimizer with parameter
-groups, losses, ``config.sharding_rules`` placement, the loader's batch layout,
+groups, losses, the ``config.sharding_rules`` placement of
+:mod:`offseg_jax.sharding`, the batch split over ``config.mesh.batch_axes``,
 donated state, ``grad_accum_steps``), lowers it with abstract inputs for the
 global batch on the target mesh and compiles it. Nothing is allocated or run,
 so the check costs seconds to minutes on a laptop before paying for hardware.
@@ -30,8 +31,8 @@ Targets:
   parameter/optimizer and batch sizes are exact.
 * ``--topology=NAME`` (e.g. ``v5e:2x4``, ``v4:2x2x1``): the compile-only devices
   of a TPU slice described by libtpu (``jax.experimental.topologies``), compiled
-  by the TPU compiler itself; ``--mesh`` then defaults to all of its devices
-  on the 'data' axis.
+  by the TPU compiler itself; ``--mesh`` then defaults to ``config.mesh.shape``
+  with its -1 filled by the slice's devices.
 
 Depthwise convolutions (``--depthwise``, default ``auto``): for a TPU topology
 they are traced as grouped convolutions, the program the accelerator runs; for
@@ -58,7 +59,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from input_pipeline import datasets, loader
-from offseg_jax import losses, optim, train
+from offseg_jax import losses, optim, sharding, train
 from offseg_jax.models import construction, layers
 
 FLAGS = flags.FLAGS
@@ -110,8 +111,7 @@ def make_target_mesh(devices: Sequence[Any], shape: Sequence[int], axes: Sequenc
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh {tuple(shape)} needs {int(np.prod(shape))} devices, "
                      f"got {len(devices)}")
-  return jax.sharding.Mesh(np.asarray(devices, dtype=object).reshape(tuple(shape)), tuple(axes),
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+  return sharding.build_mesh(shape, axes, devices, what="--mesh")
 
 
 def _bytes_per_device(abstract_tree) -> int:
@@ -128,7 +128,7 @@ def analyze(config, mesh, *, depthwise: str = "auto") -> dict[str, Any]:
 
   Args:
     config: an experiment config (as the trainer reads it).
-    mesh: the target mesh (``config.mesh.axes``, with a 'data' axis).
+    mesh: the target mesh (axes ``config.mesh.axes``).
     depthwise: how depthwise convolutions are traced: 'conv', 'shift', or
       'auto' ('shift' for CPU targets, 'conv' otherwise; see module docstring).
 
@@ -137,7 +137,7 @@ def analyze(config, mesh, *, depthwise: str = "auto") -> dict[str, Any]:
     outputs, aliased, temporaries, generated_code, peak_estimate, state, batch),
     ``flops`` and ``bytes_accessed`` per device, ``lower_s`` and ``compile_s``.
   """
-  train.check_batch_split(config, mesh)
+  sharding.check_batch_split(config, mesh)
   if depthwise == "auto":
     depthwise = "shift" if mesh.devices.flat[0].platform == "cpu" else "conv"
   if depthwise not in ("conv", "shift"):
@@ -153,11 +153,11 @@ def analyze(config, mesh, *, depthwise: str = "auto") -> dict[str, Any]:
     loss_fn = losses.build_loss({k: dict(v) for k, v in config.losses.items()})
     abstract_state = jax.eval_shape(train.make_init_state(model, config, tx, state_rng),
                                     init_rng)
-    shardings = train.state_shardings(abstract_state, mesh, config.sharding_rules)
+    shardings = sharding.config_state_shardings(abstract_state, mesh, config)
     state_in = jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         abstract_state, shardings)
-    data_sharding = NamedSharding(mesh, P("data"))
+    data_sharding = sharding.batch_sharding(mesh, config)
     batch_in = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding)
                 for k, (shape, dtype) in loader.batch_spec(config).items()}
     step = jax.jit(train.config_train_step(config, model, tx, loss_fn, schedule),
@@ -193,7 +193,8 @@ def analyze(config, mesh, *, depthwise: str = "auto") -> dict[str, Any]:
   num_params = sum(int(np.prod(x.shape))
                    for x in jax.tree_util.tree_leaves(abstract_vars["params"]))
   device = mesh.devices.flat[0]
-  data_devices = mesh.shape["data"]
+  data_devices = sharding.batch_devices(config, mesh)
+  sharded_leaves = sum(not sh.is_fully_replicated for sh in jax.tree_util.tree_leaves(shardings))
   return {
       "model": config.model.name, "params_M": num_params / 1e6,
       "dtype": str(config.model.get("dtype", "float32")),
@@ -205,6 +206,9 @@ def analyze(config, mesh, *, depthwise: str = "auto") -> dict[str, Any]:
       "global_batch": int(config.batch_size),
       "per_device_batch": int(config.batch_size) // data_devices,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "batch_axes": list(sharding.batch_axes(config, mesh)),
+      "sharded_leaves": int(sharded_leaves),
+      "state_leaves": len(jax.tree_util.tree_leaves(shardings)),
       "platform": device.platform, "device_kind": device.device_kind,
       "num_devices": int(mesh.devices.size), "depthwise": depthwise,
       "jax": jax.__version__, "memory": memory,
@@ -235,11 +239,12 @@ def format_report(r: dict[str, Any]) -> str:
       f"{'backbone' if r['remat'] else 'off'}, grad_accum_steps {r['grad_accum_steps']}, "
       f"{r['transfer_dtype']} inputs, depthwise convs as {r['depthwise']}",
       f"global batch {r['global_batch']} on mesh {mesh} ({r['num_devices']} x {kind}): "
-      f"{r['per_device_batch']} per device; "
+      f"{r['per_device_batch']} per device (batch over {tuple(r['batch_axes'])}); "
       f"lowered in {r['lower_s']:.1f} s, compiled in {r['compile_s']:.1f} s (not run)",
       "per-device memory (XLA buffer assignment):",
       line("arguments", m["arguments"],
-           f"train state {m['state'] / MIB:.1f} MiB + batch shard {m['batch'] / MIB:.1f} MiB"),
+           f"train state {m['state'] / MIB:.1f} MiB ({r['sharded_leaves']} of "
+           f"{r['state_leaves']} leaves sharded) + batch shard {m['batch'] / MIB:.1f} MiB"),
       line("outputs", m["outputs"]),
       line("aliased", m["aliased"], "outputs written into the donated state"),
       line("temporaries", m["temporaries"], "activations, gradients, workspace"),
@@ -265,8 +270,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   axes = tuple(config.mesh.axes)
-  if "data" not in axes:
-    raise app.UsageError(f"config.mesh.axes={axes} has no 'data' axis")
   if not FLAGS.mesh and not FLAGS.topology:
     raise app.UsageError("give --mesh=N (fake CPU devices) or --topology=NAME (TPU)")
   try:                      # setup errors are one line; compile errors keep their trace
@@ -274,14 +277,13 @@ def main(argv):
       devices = tpu_devices(FLAGS.topology, FLAGS.chip_config_name)
       if FLAGS.mesh:
         shape = parse_mesh(FLAGS.mesh, len(axes))
+        mesh = make_target_mesh(devices[:int(np.prod(shape))], shape, axes)
       else:
-        shape = tuple(len(devices) if a == "data" else 1 for a in axes)
-      devices = devices[:int(np.prod(shape))]
+        mesh = sharding.make_mesh(config, devices)
     else:
       shape = parse_mesh(FLAGS.mesh, len(axes))
-      devices = fake_cpu_devices(int(np.prod(shape)))
-    mesh = make_target_mesh(devices, shape, axes)
-    train.check_batch_split(config, mesh)
+      mesh = make_target_mesh(fake_cpu_devices(int(np.prod(shape))), shape, axes)
+    sharding.check_batch_split(config, mesh)
   except (RuntimeError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
