@@ -556,3 +556,50 @@ def test_diversity_loss_matches_numpy():
   # The weight comes from the config.
   total, terms = build_loss({"ecenet_diversity": {"weight": 0.2}})(None, aux, None)
   np.testing.assert_allclose(float(total), 0.2 * float(terms["ecenet_diversity"]), rtol=1e-6)
+
+
+def test_a_port_checkpoint_converts_and_evaluates_through_the_commands(tmp_path):
+  """A checkpoint under the port's names (mmseg MiT backbone.*, decode_head.*)
+  goes through ``offseg_jax.convert`` and ``offseg_jax.evaluate`` unchanged."""
+  import subprocess
+  import sys
+  from experiments.configs import ecenet as ecenet_configs
+  from offseg_jax import convert
+  from offseg_jax.conversion import variables_io
+  from offseg_jax.models import construction
+  from test_conversion import write_torch_file   # the torch-free torch.save writer
+
+  config = ecenet_configs.get_config("mit_b0,synthetic")
+  model = construction.create_model(config, 9)
+  shapes = jax.eval_shape(lambda k: construction.init_variables(model, config, k),
+                          jax.random.PRNGKey(3))
+  rng = np.random.default_rng(3)      # random weights without compiling the init
+  variables = jax.tree.map(
+      lambda s: (rng.uniform(0.5, 1.5, s.shape) if s.ndim == 1 else
+                 rng.normal(0.0, 0.05, s.shape)).astype(s.dtype), shapes)
+  state = flax_to_torch(variables)
+  assert "backbone.layers.0.0.projection.weight" in state       # mmseg MiT names
+  assert "decode_head.conv_seg.weight" in state
+  state = {k: np.asarray(v) for k, v in state.items()}
+  write_torch_file(tmp_path / "ecenet_port.pth", {"state_dict": state, "meta": {"iter": 1}})
+
+  out = tmp_path / "converted"
+  assert convert.main(["--model", "ecenet_mit_b0", "--num-classes", "9",
+                       str(tmp_path / "ecenet_port.pth"), str(out)]) == 0
+  report = variables_io.load_meta(out)["report"]
+  assert report["missing"] == [] and report["unexpected"] == []
+  loaded = variables_io.load_variables(out, target=shapes)
+  for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  repo = Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+      [sys.executable, "-m", "offseg_jax.evaluate",
+       "--config=experiments/configs/ecenet.py:mit_b0,synthetic", f"--checkpoint={out}",
+       f"--output={tmp_path / 'eval'}", "--config.data.num_val=4", "--config.eval.batch_size=2",
+       "--num_samples=0"],
+      cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+  assert 0.0 <= metrics["mIoU"] <= 100.0 and len(metrics["per_class"]) == 9
