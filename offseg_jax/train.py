@@ -43,6 +43,7 @@ from input_pipeline import datasets, image_io, loader
 from offseg_jax import checkpointing, losses, optim, preemption, sharding, workdir_lock
 from offseg_jax.evaluation import evaluator as evaluator_lib
 from offseg_jax.evaluation import metrics as metrics_lib
+from offseg_jax.models import layers
 from offseg_jax.models.construction import create_model, init_variables, parameter_table
 
 # Train state: a plain dict pytree (big_vision style), saved whole by orbax.
@@ -58,7 +59,7 @@ State = dict[str, Any]
 
 
 def make_train_step(model, tx, loss_fn, schedule, *, grad_accum_steps: int = 1,
-                    mean=None, std=None):
+                    mean=None, std=None, bn_stat_groups: int = 1):
   """``step(state, batch) -> (state, metrics)``; jit it with the state donated.
 
   ``batch`` is a loader batch: ``'image'`` uint8 with ``'valid_hw'`` (normalised
@@ -93,10 +94,11 @@ def make_train_step(model, tx, loss_fn, schedule, *, grad_accum_steps: int = 1,
     dropout_rng, ham_rng = jax.random.split(rng)
 
     def compute_loss(params):
-      (logits, aux), new_vars = model.apply(
-          {"params": params, "batch_stats": batch_stats}, images,
-          train=True, rngs={"dropout": dropout_rng, "ham": ham_rng},
-          mutable=["batch_stats"])
+      with layers.batch_stat_groups(bn_stat_groups):
+        (logits, aux), new_vars = model.apply(
+            {"params": params, "batch_stats": batch_stats}, images,
+            train=True, rngs={"dropout": dropout_rng, "ham": ham_rng},
+            mutable=["batch_stats"])
       loss, terms = loss_fn(logits, aux, labels, step=step)
       return loss, (terms, new_vars.get("batch_stats", batch_stats))
 
@@ -148,11 +150,26 @@ def make_train_step(model, tx, loss_fn, schedule, *, grad_accum_steps: int = 1,
   return train_step
 
 
-def config_train_step(config, model, tx, loss_fn, schedule):
-  """:func:`make_train_step` with the config's accumulation and data statistics."""
+BATCHNORM_STATISTICS = ("global", "per_device")
+
+
+def config_train_step(config, model, tx, loss_fn, schedule, mesh=None):
+  """:func:`make_train_step` with the config's accumulation, data statistics
+  and BatchNorm statistics (``config.batchnorm_statistics``: 'global', SyncBN
+  as the official recipes train, or 'per_device' over ``mesh``'s batch axes)."""
+  stats = config.get("batchnorm_statistics", "global")
+  if stats not in BATCHNORM_STATISTICS:
+    raise ValueError(f"config.batchnorm_statistics={stats!r}: expected one of "
+                     f"{BATCHNORM_STATISTICS}")
+  groups = 1
+  if stats == "per_device":
+    if mesh is None:
+      raise ValueError("config.batchnorm_statistics='per_device' needs the mesh")
+    groups = sharding.batch_devices(config, mesh)
   return make_train_step(model, tx, loss_fn, schedule,
                          grad_accum_steps=int(config.get("grad_accum_steps", 1)),
-                         mean=tuple(config.data.mean), std=tuple(config.data.std))
+                         mean=tuple(config.data.mean), std=tuple(config.data.std),
+                         bn_stat_groups=groups)
 
 
 def make_init_state(model, config, tx, state_rng):
@@ -370,7 +387,7 @@ def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
 
   meta = {"model": config.model.name, "num_classes": num_classes,
           "dataset": info.name, "config": json.loads(config.to_json_best_effort())}
-  train_step = jax.jit(config_train_step(config, model, tx, loss_fn, schedule),
+  train_step = jax.jit(config_train_step(config, model, tx, loss_fn, schedule, mesh),
                        in_shardings=(shardings, None), out_shardings=(shardings, None),
                        donate_argnums=(0,))
   # One evaluator for the whole run: its plan of the split and its compiled

@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.configs import default
 from input_pipeline import loader
-from offseg_jax import optim, sharding
+from offseg_jax import optim, sharding, train
 from offseg_jax.evaluation import engine as engine_lib
 from offseg_jax.models import construction, layers
 from offseg_jax.tools import aot
@@ -317,6 +318,38 @@ def test_batchnorm_statistics_cover_the_global_batch_when_sharded():
   # The running mean moved by 0.1 x the global batch mean, not a half's.
   np.testing.assert_allclose(stats2["mean"], 0.1 * x.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
   assert not np.allclose(stats2["mean"], 0.1 * x[:2].mean((0, 1, 2)), atol=1e-2)
+
+
+def test_per_device_batchnorm_statistics_use_each_devices_examples_only():
+  mesh = _mesh((2,), ("data",))
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(0.0, 1.0, (2, 4, 4, 3)), rng.normal(5.0, 2.0, (2, 4, 4, 3))])
+  x = x.astype(np.float32)
+  bn = layers.BatchNorm()
+  variables = bn.init(jax.random.PRNGKey(0), x)
+
+  @jax.jit
+  def step(x):
+    with layers.batch_stat_groups(2):
+      y, new = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    return y, new["batch_stats"]
+
+  y, stats = step(jax.device_put(x, NamedSharding(mesh, P("data"))))
+  for half in (slice(0, 2), slice(2, 4)):      # each device normalised with its own halves
+    part = x[half]
+    ref = (part - part.mean((0, 1, 2))) / np.sqrt(part.var((0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y)[half], ref, rtol=1e-4, atol=1e-4)
+  halves_mean = (x[:2].mean((0, 1, 2)) + x[2:].mean((0, 1, 2))) / 2
+  np.testing.assert_allclose(stats["mean"], 0.1 * halves_mean, rtol=1e-5, atol=1e-6)
+  # The trainer picks the groups from the config and the mesh.
+  config = default.get_config("tiny")
+  config.batchnorm_statistics = "per_device"
+  model = construction.create_model(config, 9)
+  tx, schedule = optax.sgd(0.0), optax.constant_schedule(0.0)
+  train.config_train_step(config, model, tx, lambda *a, **k: (0.0, {}), schedule, mesh)
+  config.batchnorm_statistics = "per_host"
+  with pytest.raises(ValueError, match="batchnorm_statistics='per_host'"):
+    train.config_train_step(config, model, tx, lambda *a, **k: (0.0, {}), schedule, mesh)
 
 
 def test_aot_compiles_an_fsdp_placement_with_the_batch_over_both_axes():

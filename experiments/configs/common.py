@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   #   --config.sharding_rules='((".*","fsdp"),)'
   c.sharding_rules = ((".*", "replicate"),)
   c.fsdp_min_size = 2 ** 14         # elements (64 KiB in float32)
+  # BatchNorm statistics in training: 'global' (SyncBN over the global batch, as
+  # the official recipes train) or 'per_device' (each device its own examples,
+  # torch DDP without SyncBN).
+  c.batchnorm_statistics = "global"
   return c
 
 

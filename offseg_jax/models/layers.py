@@ -18,6 +18,7 @@ Torch semantics that matter and are reproduced here:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from typing import Any, Sequence
 
@@ -200,6 +201,25 @@ def centred_moments(x, axes, keepdims: bool = False):
   return mean, var, centred
 
 
+_BATCH_STAT_GROUPS = contextvars.ContextVar("offseg_batch_stat_groups", default=1)
+
+
+@contextlib.contextmanager
+def batch_stat_groups(groups: int):
+  """BatchNorm statistics per group of consecutive examples inside the block.
+
+  With ``groups`` = the number of devices the batch is split over (in device
+  order), each device normalises with its own examples' statistics, as torch
+  BatchNorm2d does under DistributedDataParallel without SyncBN; no statistics
+  cross devices. ``groups=1`` (the default) is SyncBN: the global batch.
+  """
+  token = _BATCH_STAT_GROUPS.set(int(groups))
+  try:
+    yield
+  finally:
+    _BATCH_STAT_GROUPS.reset(token)
+
+
 class BatchNorm(nn.Module):
   """torch BatchNorm2d/SyncBatchNorm: eps 1e-5, momentum 0.1 (flax 0.9).
 
@@ -207,6 +227,8 @@ class BatchNorm(nn.Module):
   global batch, i.e. this behaves as SyncBN. Training updates running stats with
   the unbiased batch variance, as torch does. Statistics are float32; bf16
   inputs are normalised without a float32 copy (:func:`centred_moments`).
+  Inside :func:`batch_stat_groups` the statistics are per group of examples
+  (per device), and the running statistics move by their mean over groups.
   """
   epsilon: float = 1e-5
   momentum: float = 0.1          # torch convention
@@ -221,6 +243,9 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((feat,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((feat,), jnp.float32))
     centred = None
+    groups = _BATCH_STAT_GROUPS.get()
+    if train and groups > 1 and not self.is_initializing():
+      return self._per_group(x, groups, scale, bias, ra_mean, ra_var)
     if train:
       axes = tuple(range(x.ndim - 1))
       if _low_precision(x):
@@ -240,6 +265,23 @@ class BatchNorm(nn.Module):
     if centred is not None:
       return (centred * inv.astype(x.dtype) + bias.astype(x.dtype)).astype(self.dtype)
     return (x * inv.astype(x.dtype) + (bias - mean * inv).astype(x.dtype)).astype(self.dtype)
+
+  def _per_group(self, x, groups, scale, bias, ra_mean, ra_var):
+    """Training-mode normalisation with statistics per group of examples."""
+    if x.shape[0] % groups:
+      raise ValueError(f"{self.name}: batch of {x.shape[0]} does not split into "
+                       f"{groups} BatchNorm statistics groups")
+    xg = x.astype(jnp.float32).reshape((groups, x.shape[0] // groups) + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    n = int(np.prod([xg.shape[a] for a in axes]))
+    unbiased = var * (n / max(n - 1, 1))
+    flat = lambda v: v.reshape(groups, -1).mean(axis=0)
+    ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * flat(mean)
+    ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * flat(unbiased)
+    y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 class GroupNorm(nn.Module):

@@ -160,7 +160,7 @@ def analyze(config, mesh, *, depthwise: str = "auto") -> dict[str, Any]:
     data_sharding = sharding.batch_sharding(mesh, config)
     batch_in = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharding)
                 for k, (shape, dtype) in loader.batch_spec(config).items()}
-    step = jax.jit(train.config_train_step(config, model, tx, loss_fn, schedule),
+    step = jax.jit(train.config_train_step(config, model, tx, loss_fn, schedule, mesh),
                    in_shardings=(shardings, None),
                    out_shardings=(shardings, NamedSharding(mesh, P())),
                    donate_argnums=(0,))
