@@ -294,14 +294,20 @@ def test_command_line_overrides_of_the_mesh_and_rules_parse():
 # BatchNorm, the ahead-of-time check and training across device counts.
 # ----------------------------------------------------------------------------
 
-def test_batchnorm_statistics_cover_the_global_batch_when_sharded():
-  mesh = _mesh((2,), ("data",))
+def _two_different_halves():
+  """A batch of 4 whose halves (one per device of 2) have different statistics,
+  and a BatchNorm with its variables."""
   rng = np.random.default_rng(0)
-  # The two devices' halves differ: per-device statistics would not match.
   x = np.concatenate([rng.normal(0.0, 1.0, (2, 4, 4, 3)), rng.normal(5.0, 2.0, (2, 4, 4, 3))])
   x = x.astype(np.float32)
   bn = layers.BatchNorm()
-  variables = bn.init(jax.random.PRNGKey(0), x)
+  return x, bn, bn.init(jax.random.PRNGKey(0), x)
+
+
+def test_batchnorm_statistics_cover_the_global_batch_when_sharded():
+  mesh = _mesh((2,), ("data",))
+  # The two devices' halves differ: per-device statistics would not match.
+  x, bn, variables = _two_different_halves()
 
   @jax.jit
   def step(x):
@@ -322,11 +328,7 @@ def test_batchnorm_statistics_cover_the_global_batch_when_sharded():
 
 def test_per_device_batchnorm_statistics_use_each_devices_examples_only():
   mesh = _mesh((2,), ("data",))
-  rng = np.random.default_rng(0)
-  x = np.concatenate([rng.normal(0.0, 1.0, (2, 4, 4, 3)), rng.normal(5.0, 2.0, (2, 4, 4, 3))])
-  x = x.astype(np.float32)
-  bn = layers.BatchNorm()
-  variables = bn.init(jax.random.PRNGKey(0), x)
+  x, bn, variables = _two_different_halves()
 
   @jax.jit
   def step(x):

@@ -69,21 +69,29 @@ def _assert_same_final_state(straight, other):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _run_with_signal(workdir, when: str, sig, timeout: float):
+  """Starts the SMALL run, sends ``sig`` when a line starts with ``when`` and
+  waits for the process to end. Returns (exit status, lines read)."""
+  proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if line.startswith(when):
+      proc.send_signal(sig)
+      if sig == signal.SIGKILL:
+        break
+  proc.wait(timeout=timeout)
+  return proc.returncode, seen
+
+
 @pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, straight_run):
   straight = straight_run
   # Start the same run, kill -9 it once a checkpoint beyond the first exists.
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  seen = []
-  for line in proc.stdout:
-    seen.append(line)
-    if line.startswith("saved checkpoint at step 8"):
-      proc.send_signal(signal.SIGKILL)
-      break
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+  code, seen = _run_with_signal(killed, "saved checkpoint at step 8", signal.SIGKILL, 60)
+  assert code == -signal.SIGKILL, "".join(seen[-20:])
   assert not (killed / "metrics.json").exists()
 
   # The killed run's lock (its pid is gone) does not block the rerun.
@@ -98,16 +106,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, straight_run
 def test_sigterm_saves_at_the_step_boundary_and_resume_equals_the_uninterrupted_run(
     tmp_path, straight_run):
   stopped = tmp_path / "stopped"
-  proc = subprocess.Popen(_cmd(stopped), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  seen = []
-  for line in proc.stdout:
-    seen.append(line)
-    if line.startswith("step 5/16"):              # mid-run, between checkpoints 4 and 8
-      proc.send_signal(signal.SIGTERM)
-  proc.wait(timeout=120)
-  out = "".join(seen)
-  assert proc.returncode == 0, out[-3000:]
+  # Mid-run, between checkpoints 4 and 8.
+  code, seen = _run_with_signal(stopped, "step 5/16", signal.SIGTERM, 120)
+  assert code == 0, "".join(seen)[-3000:]
   stop_line = next(l for l in seen if l.startswith("preempted: saved checkpoint at step"))
   stop_step = int(stop_line.split("step ")[1].split()[0])
   assert 5 <= stop_step < 16, stop_line
