@@ -65,20 +65,6 @@ _IN_MEMORY = {"io.BytesIO", "io.StringIO", "tempfile.TemporaryFile",
 
 # (file, call) -> why it may stay.
 ALLOWED = {
-    # Files of concurrent changes, not edited by the epath conversion; each entry
-    # names what to convert once they land.
-    ("offseg_jax/tools/aot.py", "open"):
-        "--json report: epath.Path(FLAGS.json).write_text(json.dumps(...))",
-    ("offseg_jax/tools/profile.py", "open"):
-        "--json report: epath.Path(FLAGS.json).write_text(json.dumps(...))",
-    ("offseg_jax/tools/profile.py", "glob.glob"):
-        "*.xplane.pb under --trace_dir: storage.walk(trace_dir)",
-    ("offseg_jax/tools/profile.py", "os.path.join"):
-        "the glob pattern above",
-    ("offseg_jax/tools/profile.py", "shutil"):
-        "import for removing its own tempfile.mkdtemp() trace folder (inherently local)",
-    ("offseg_jax/tools/profile.py", "shutil.rmtree"):
-        "removes its own tempfile.mkdtemp() trace folder (inherently local)",
 }
 
 

@@ -53,6 +53,7 @@ import time
 from typing import Any, Sequence
 
 from absl import app, flags
+from etils import epath
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -290,8 +291,7 @@ def main(argv):
   result = analyze(config, mesh, depthwise=FLAGS.depthwise)
   print(format_report(result), flush=True)
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(result, f, indent=1)
+    epath.Path(FLAGS.json).write_text(json.dumps(result, indent=1))
   limit = FLAGS.memory_limit_gib
   if limit and result["memory"]["peak_estimate"] > limit * GIB:
     print(f"DOES NOT FIT: estimated peak {result['memory']['peak_estimate'] / GIB:.2f} GiB "
