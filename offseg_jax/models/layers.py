@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from typing import Any, Sequence
 
@@ -88,6 +89,9 @@ class Conv2d(nn.Module):
     if self.groups == in_features == self.features and self.groups > 1 and _depthwise_as_shifts():
       y = depthwise_shift_add(x.astype(self.dtype), kernel.astype(self.dtype),
                               _pair(self.stride), pad, _pair(self.dilation))
+    elif (kh, kw) == (1, 1) and self.groups == 1 and _pointwise_as_matmul():
+      y = pointwise_matmul(x.astype(self.dtype), kernel.astype(self.dtype),
+                           _pair(self.stride), pad)
     else:
       y = jax.lax.conv_general_dilated(
           x.astype(self.dtype), kernel.astype(self.dtype),
@@ -105,7 +109,9 @@ class Conv2d(nn.Module):
 def depthwise_impl(impl: str):
   """Traces depthwise convolutions as ``'conv'`` or ``'shift'`` inside the block.
 
-  E.g. FLOP counters that look for convolutions in the program use 'conv'.
+  'shift' also traces 1x1 convolutions as matmuls (:func:`pointwise_matmul`),
+  'conv' keeps every convolution a ``conv_general_dilated``: FLOP counters that
+  look for convolutions in the program use 'conv'.
   """
   previous = os.environ.get("OFFSEG_DEPTHWISE")
   os.environ["OFFSEG_DEPTHWISE"] = impl
@@ -116,6 +122,27 @@ def depthwise_impl(impl: str):
       del os.environ["OFFSEG_DEPTHWISE"]
     else:
       os.environ["OFFSEG_DEPTHWISE"] = previous
+
+
+_REFERENCE_FORMS = contextvars.ContextVar("offseg_reference_forms", default=False)
+
+
+@contextlib.contextmanager
+def reference_forms(enabled: bool = True):
+  """Traces the reference formulations of the CPU-tuned layers inside the block.
+
+  Bilinear resizes as gathers (:func:`resize_bilinear_gather`), non-overlapping
+  max pools as ``nn.max_pool`` with jax's own gradient, 1x1 convolutions as
+  ``conv_general_dilated``, FreqFusion's CARAFE with the loop's own gradient:
+  the program before the rewrites of docs/performance.md, for A/B timing
+  (``tools.profile --ab``) and tests. Same results up to float rounding.
+  (Depthwise convolutions keep their own switch, :func:`depthwise_impl`.)
+  """
+  token = _REFERENCE_FORMS.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _REFERENCE_FORMS.reset(token)
 
 
 def _depthwise_as_shifts() -> bool:
@@ -132,6 +159,46 @@ def _depthwise_as_shifts() -> bool:
   if choice not in ("conv", "shift"):
     raise ValueError(f"OFFSEG_DEPTHWISE must be auto, conv or shift, not {choice!r}")
   return choice == "shift"
+
+
+def _pointwise_as_matmul() -> bool:
+  """Whether 1x1 convolutions run as matrix products (:func:`pointwise_matmul`).
+
+  XLA's CPU backend runs a 1x1 convolution's gradients 3-6x slower than the
+  same products as a matmul (kernel gradient of SegFormer's 1024 -> 256
+  ``fusion_conv`` at 128x128: 9.2 s vs 1.5 s per forward+backward, measured on
+  2 cores), and its forward up to 2x slower. GPUs and TPUs rewrite 1x1
+  convolutions as matmuls themselves. Follows :func:`depthwise_impl` /
+  ``OFFSEG_DEPTHWISE``: 'conv' keeps every convolution a convolution (what the
+  FLOP counters of ``tools.complexity`` look for), 'shift' forces the CPU
+  forms, 'auto' uses them on CPU only.
+  """
+  return cpu_forms()
+
+
+def cpu_forms() -> bool:
+  """Whether models trace their CPU-tuned formulations (same results up to rounding).
+
+  True on CPU unless ``OFFSEG_DEPTHWISE=conv`` (:func:`depthwise_impl`, the
+  program an accelerator runs and FLOP counters read) or inside
+  :func:`reference_forms`. Used for 1x1 convolutions as matmuls and
+  FreqFusion's CARAFE gradient as batched matmuls (docs/performance.md).
+  """
+  return not _REFERENCE_FORMS.get() and _depthwise_as_shifts()
+
+
+def pointwise_matmul(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0))):
+  """A 1x1 convolution (HWIO kernel (1, 1, C, D)) as one (B*H*W, C) x (C, D) matmul.
+
+  Same result as ``conv_general_dilated`` up to the order of the float additions.
+  """
+  if any(p for pair in padding for p in pair):
+    x = jnp.pad(x, ((0, 0),) + tuple(tuple(p) for p in padding) + ((0, 0),))
+  if tuple(stride) != (1, 1):
+    x = x[:, ::stride[0], ::stride[1]]
+  b, h, w, c = x.shape
+  y = jnp.matmul(x.reshape(b * h * w, c), kernel.reshape(c, kernel.shape[-1]))
+  return y.reshape(b, h, w, kernel.shape[-1])
 
 
 def depthwise_shift_add(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
@@ -404,23 +471,222 @@ def _linear_taps(n_in: int, n_out: int):
 def resize_bilinear(x, size: Sequence[int]):
   """torch ``F.interpolate(mode='bilinear', align_corners=False)`` on NHWC ``x``.
 
-  Exact for up- and down-sampling (no antialiasing), separable gathers with
-  shapes known at trace time.
+  Exact for up- and down-sampling (no antialiasing), one axis after the other.
+  An axis resized by an integer factor (every resize of the SegFormer head and
+  of the loss at 512x512) is computed without gathers (:func:`_resize_axis`),
+  upsampling with a hand-written gradient: the gather form's gradient is a
+  scatter-add, which XLA's CPU backend runs ~10x slower than that gradient
+  (docs/performance.md).
+  Other ratios gather (:func:`resize_bilinear_gather`, the reference).
   """
+  if _REFERENCE_FORMS.get():
+    return resize_bilinear_gather(x, size)
   h_out, w_out = int(size[0]), int(size[1])
-  h_in, w_in = x.shape[1], x.shape[2]
-  if (h_in, w_in) == (h_out, w_out):
-    return x
-  dtype = x.dtype
-  if h_in != h_out:
-    i0, i1, w = _linear_taps(h_in, h_out)
-    w = jnp.asarray(w, dtype)[None, :, None, None]
-    x = jnp.take(x, i0, axis=1) * (1 - w) + jnp.take(x, i1, axis=1) * w
-  if w_in != w_out:
-    i0, i1, w = _linear_taps(w_in, w_out)
-    w = jnp.asarray(w, dtype)[None, None, :, None]
-    x = jnp.take(x, i0, axis=2) * (1 - w) + jnp.take(x, i1, axis=2) * w
+  if x.shape[1] != h_out:
+    x = _resize_axis(x, 1, h_out)
+  if x.shape[2] != w_out:
+    x = _resize_axis(x, 2, w_out)
   return x
+
+
+def resize_bilinear_gather(x, size: Sequence[int]):
+  """:func:`resize_bilinear` as two separable gathers (any ratio; the reference)."""
+  h_out, w_out = int(size[0]), int(size[1])
+  if x.shape[1] != h_out:
+    x = _resize_axis_gather(x, 1, h_out)
+  if x.shape[2] != w_out:
+    x = _resize_axis_gather(x, 2, w_out)
+  return x
+
+
+def _axis_weights(w, axis: int, ndim: int, dtype):
+  """``w`` (1-D) as an array broadcasting along ``axis`` of an ``ndim`` array."""
+  shape = [1] * ndim
+  shape[axis] = len(w)
+  return jnp.asarray(np.asarray(w, np.float32).reshape(shape), dtype)
+
+
+def _resize_axis_gather(x, axis: int, n_out: int):
+  i0, i1, w = _linear_taps(x.shape[axis], n_out)
+  w = _axis_weights(w, axis, x.ndim, x.dtype)
+  return jnp.take(x, i0, axis=axis) * (1 - w) + jnp.take(x, i1, axis=axis) * w
+
+
+def _upsample_weights(n_in: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(w, lo)`` of upsampling ``n_in`` by an integer ``s``, per sub-position r.
+
+  Output ``s*i + r`` reads inputs i - 1 and i (``lo[r]``: r < s/2, source
+  offset ``(r + 0.5)/s - 0.5 < 0``) or i and i + 1, the second with weight
+  ``w[r]``: the float32 weight :func:`_linear_taps` gives output ``s + r``
+  (i = 1; the same for every i), so both forms blend with equal weights.
+  """
+  d = (np.arange(s) + 0.5) / s - 0.5
+  lo = d < 0
+  _, _, taps_w = _linear_taps(n_in, n_in * s)
+  w = taps_w[s:2 * s] if n_in > 1 else np.where(lo, 1.0 + d, d).astype(np.float32)
+  return w, lo
+
+
+def _upsample_forward(x, axis: int, s: int):
+  n = x.shape[axis]
+  w, lo = _upsample_weights(n, s)
+  take = lambda start, stop: jax.lax.slice_in_dim(x, start, stop, axis=axis)
+  shifted = lambda parts: jnp.concatenate(parts, axis=axis) if n > 1 else x
+  prev = shifted([take(0, 1), take(0, n - 1)])       # x[max(i - 1, 0)]
+  nxt = shifted([take(1, n), take(n - 1, n)])        # x[min(i + 1, n - 1)]
+  ex = lambda t: jnp.expand_dims(t, axis + 1)
+  weights = lambda v: _axis_weights(v, axis + 1, x.ndim + 1, x.dtype)
+  parts = []
+  if lo.any():
+    wl = weights(w[lo])
+    parts.append(ex(prev) * (1 - wl) + ex(x) * wl)
+  if (~lo).any():
+    wh = weights(w[~lo])
+    parts.append(ex(x) * (1 - wh) + ex(nxt) * wh)
+  y = jnp.concatenate(parts, axis=axis + 1) if len(parts) > 1 else parts[0]
+  return y.reshape(x.shape[:axis] + (n * s,) + x.shape[axis + 1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _upsample_axis(x, axis: int, s: int):
+  """Bilinear (align_corners=False) upsampling of one axis by an integer ``s``.
+
+  Forward: three shifted copies of ``x`` (the input, its upper and lower
+  neighbours with replicated edges: torch's clamping) blended with the
+  sub-position weights, stacked on a new axis and reshaped. Backward: the exact
+  transpose written out (:func:`_upsample_axis_bwd`); jax's transpose of the
+  forward reduces the stacked axis through pads and concatenations, 7x slower
+  on XLA CPU for the loss's 1/8 -> 1/1 resize, and the gather form's transpose
+  is a scatter-add, 10x slower.
+  """
+  return _upsample_forward(x, axis, s)
+
+
+def _upsample_axis_fwd(x, axis, s):
+  return _upsample_forward(x, axis, s), None
+
+
+def _upsample_axis_bwd(axis, s, _, g):
+  """dx[j] = sum over the outputs that read x[j] of their weights times g.
+
+  With ``g`` viewed as (n, s) along ``axis``: output (i, r) puts
+  ``(1 - w_r)`` (lo) or ``w_r`` (hi) on x[i] itself, ``1 - w_r`` (lo) on
+  x[i - 1] and ``w_r`` (hi) on x[i + 1], clamped to the edges.
+  """
+  n = g.shape[axis] // s
+  w, lo = _upsample_weights(n, s)
+  gr = g.reshape(g.shape[:axis] + (n, s) + g.shape[axis + 1:])
+  one = lambda c: jnp.asarray(c, g.dtype)
+  own = to_prev = to_next = None
+  plus = lambda acc, t: t if acc is None else acc + t
+  for r in range(s):
+    gr_r = jax.lax.index_in_dim(gr, r, axis + 1, keepdims=False)
+    if lo[r]:
+      own = plus(own, gr_r * one(w[r]))
+      to_prev = plus(to_prev, gr_r * one(1 - w[r]))
+    else:
+      own = plus(own, gr_r * one(1 - w[r]))
+      to_next = plus(to_next, gr_r * one(w[r]))
+  if n == 1:
+    return (sum(t for t in (own, to_prev, to_next) if t is not None),)
+  take = lambda t, start, stop: jax.lax.slice_in_dim(t, start, stop, axis=axis)
+  dx = own
+  if to_prev is not None:       # x[j] receives to_prev[j + 1], and x[0] also to_prev[0]
+    dx = dx + jnp.concatenate([take(to_prev, 0, 1) + take(to_prev, 1, 2), take(to_prev, 2, n),
+                               jnp.zeros_like(take(to_prev, 0, 1))], axis=axis)
+  if to_next is not None:       # x[j] receives to_next[j - 1], and x[n-1] also to_next[n-1]
+    dx = dx + jnp.concatenate([jnp.zeros_like(take(to_next, 0, 1)), take(to_next, 0, n - 2),
+                               take(to_next, n - 2, n - 1) + take(to_next, n - 1, n)],
+                              axis=axis)
+  return (dx,)
+
+
+_upsample_axis.defvjp(_upsample_axis_fwd, _upsample_axis_bwd)
+
+
+def _resize_axis(x, axis: int, n_out: int):
+  """Bilinear (align_corners=False) resize of one axis; integer factors without gathers.
+
+  Up by s: :func:`_upsample_axis`. Down by s: the source of output ``o`` is
+  ``o*s + (s-1)/2``: the middle input of each block of s (odd s) or the mean
+  of the middle two (even s), strided slices. Other ratios: gathers.
+  """
+  n_in = x.shape[axis]
+  if n_in == n_out:
+    return x
+  if n_out > n_in and n_out % n_in == 0:
+    return _upsample_axis(x, axis, n_out // n_in)
+  if n_in > n_out and n_in % n_out == 0:
+    s = n_in // n_out
+    blocks = x.reshape(x.shape[:axis] + (n_out, s) + x.shape[axis + 1:])
+    pick = lambda j: jnp.squeeze(jax.lax.slice_in_dim(blocks, j, j + 1, axis=axis + 1),
+                                 axis + 1)
+    if s % 2:
+      # Weight 0 on the second tap: the gather form's x0 * 1 + x1 * 0 is x0.
+      return pick((s - 1) // 2)
+    half = jnp.asarray(0.5, x.dtype)
+    return pick(s // 2 - 1) * half + pick(s // 2) * half
+  return _resize_axis_gather(x, axis, n_out)
+
+
+def max_pool(x, window: Sequence[int], strides: Sequence[int] | None = None):
+  """torch ``MaxPool2d(window, stride)`` (no padding, floor mode) on NHWC ``x``.
+
+  Non-overlapping windows (``strides == window``, the Offset Learning head's
+  2x2 pool) are a max over a reshaped block axis with a custom gradient: the
+  output gradient goes to the first maximum of each window in row-major order
+  (torch's choice among ties), computed as dense masks. jax's own gradient of
+  ``reduce_window`` is a select-and-scatter, which XLA's CPU backend runs as a
+  serial scatter. Other windows use ``nn.max_pool``.
+  """
+  kh, kw = _pair(window)
+  sh, sw = _pair(strides if strides is not None else window)
+  if (kh, kw) != (sh, sw) or _REFERENCE_FORMS.get():
+    return nn.max_pool(x, (kh, kw), strides=(sh, sw), padding="VALID")
+  return _block_max_pool(x, kh, kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _block_max_pool(x, kh: int, kw: int):
+  return _block_max(x, kh, kw)[0]
+
+
+def _block_max(x, kh, kw):
+  b, h, w, c = x.shape
+  ho, wo = h // kh, w // kw
+  blocks = x[:, :ho * kh, :wo * kw].reshape(b, ho, kh, wo, kw, c)
+  return jnp.max(blocks, axis=(2, 4)), blocks
+
+
+def _block_max_pool_fwd(x, kh, kw):
+  y, _ = _block_max(x, kh, kw)
+  return y, (x, y)
+
+
+def _block_max_pool_bwd(kh, kw, res, g):
+  x, y = res
+  b, h, w, c = x.shape
+  ho, wo = y.shape[1], y.shape[2]
+  blocks = x[:, :ho * kh, :wo * kw].reshape(b, ho, kh, wo, kw, c)
+  taken = None
+  rows = []
+  for i in range(kh):
+    cols = []
+    for j in range(kw):
+      hit = blocks[:, :, i, :, j, :] == y
+      if taken is not None:
+        hit = hit & ~taken
+      taken = hit if taken is None else taken | hit
+      cols.append(jnp.where(hit, g, jnp.zeros_like(g)))
+    rows.append(jnp.stack(cols, axis=3))           # (b, ho, wo, kw, c)
+  dx = jnp.stack(rows, axis=2)                      # (b, ho, kh, wo, kw, c)
+  dx = dx.reshape(b, ho * kh, wo * kw, c)
+  if (ho * kh, wo * kw) != (h, w):                  # floor mode: dropped rows/columns
+    dx = jnp.pad(dx, ((0, 0), (0, h - ho * kh), (0, w - wo * kw), (0, 0)))
+  return (dx,)
+
+
+_block_max_pool.defvjp(_block_max_pool_fwd, _block_max_pool_bwd)
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:

@@ -73,8 +73,9 @@ class SegformerHead(nn.Module):
     x = layers.ConvModule(self.channels, 1, norm="bn", act="relu", dtype=self.dtype,
                           name="fusion_conv")(jnp.concatenate(projected, axis=-1), train)
     if self.pool_before_classifier:
-      # torch MaxPool2d(2, 2): floor mode, odd trailing rows/columns are dropped.
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+      # torch MaxPool2d(2, 2): floor mode, odd trailing rows/columns are dropped;
+      # the gradient goes to the first maximum of each window, as torch's.
+      x = layers.max_pool(x, (2, 2), (2, 2))
     logits = classify(x, kind=self.classifier, num_classes=self.num_classes,
                       dropout_ratio=self.dropout_ratio, train=train, dtype=self.dtype)
     return logits, {}
