@@ -36,7 +36,6 @@ import optax
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from input_pipeline import check as data_check
 from input_pipeline import datasets, image_io, loader
