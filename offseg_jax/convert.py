@@ -7,6 +7,12 @@ Usage::
   python -m offseg_jax.convert --model offseg_t --backbone-only \
       pretrained/eformer_v2/eformer_s1_450.pth converted/eformer_s1
 
+``SRC`` is the ``.pth``/``.pt`` file, ``DST`` the output directory
+(``variables/`` + ``meta.json``). Flags (``--help`` lists them) may be spelled
+with dashes or underscores (``--num-classes`` = ``--num_classes``). Bad input
+ends with one ``error: ...`` line: status 2 for the command line, 1 when the
+checkpoint does not fit the model.
+
 The model is built from the registry (``offseg_jax.models.build_model``), or,
 when the checkpoint's ``meta`` embeds the official mmseg config and the model's
 registry entry has ``from_official``, from that config (``--ignore-meta`` turns
@@ -28,20 +34,20 @@ first (``conversion.van_names``: the ImageNet ``head.*`` is dropped).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import functools
 import os
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from input_pipeline import storage
-from offseg_jax import models
+from offseg_jax import cli, models
 from offseg_jax.conversion import core, torch_pickle, van_names, variables_io
 from offseg_jax.registry import MODELS
 
@@ -273,42 +279,48 @@ def convert_checkpoint(src: str, out_dir: str, *, model_name: str,
   return meta
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m offseg_jax.convert",
-      description="Convert an official PyTorch checkpoint to an offseg_jax checkpoint.")
-  parser.add_argument("src", help="the .pth/.pt checkpoint")
-  parser.add_argument("out_dir", help="output directory (variables/ + meta.json)")
-  parser.add_argument("--model", required=True, help="registered model name, e.g. offseg_t")
-  parser.add_argument("--num-classes", type=int, default=None,
-                      help="classes of the checkpoint's head (default: from its meta)")
-  parser.add_argument("--backbone-only", action="store_true",
-                      help="convert only the backbone (ImageNet / pretrain checkpoints)")
-  parser.add_argument("--checkpoint-key", default=None,
-                      help="top-level entry holding the weights (default: state_dict, model, ...)")
-  parser.add_argument("--ignore-meta", action="store_true",
-                      help="build the model by name even if the checkpoint embeds its config")
-  parser.add_argument("--allow-unexpected", action="store_true",
-                      help="drop checkpoint keys the model does not use instead of failing")
-  parser.add_argument("--input-size", type=int, default=None,
-                      help="dummy input size for shape inference (default: 256, then 512)")
-  parser.add_argument("--force", action="store_true",
-                      help="overwrite OUT_DIR if it already holds a converted checkpoint")
-  args = parser.parse_args(argv)
-  if variables_io.is_converted_checkpoint(args.out_dir) and not args.force:
-    print(f"error: {args.out_dir} already holds a converted checkpoint (--force to overwrite)",
+USAGE = "python -m offseg_jax.convert --model=NAME [--num_classes=N] [--backbone_only] SRC DST"
+
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``values`` (defined only when it runs)."""
+  on = {"flag_values": values}
+  flags.DEFINE_string("model", None, "Registered model name, e.g. offseg_t.", required=True, **on)
+  flags.DEFINE_integer("num_classes", None, "Classes of the head (default: from the meta).", **on)
+  flags.DEFINE_bool("backbone_only", False,
+                    "Convert only the backbone (ImageNet / pretrain checkpoints).", **on)
+  flags.DEFINE_string("checkpoint_key", None, "Top-level entry holding the weights "
+                      "(default: state_dict, model, ...).", **on)
+  flags.DEFINE_bool("ignore_meta", False, "Build the model by name even if the checkpoint "
+                    "embeds its config.", **on)
+  flags.DEFINE_bool("allow_unexpected", False, "Drop unused checkpoint keys, not fail.", **on)
+  flags.DEFINE_integer("input_size", None, "Dummy input size for shape inference "
+                       "(default: 256, then 512).", **on)
+  flags.DEFINE_bool("force", False, "Overwrite DST if it holds a converted checkpoint.", **on)
+  flags.register_validator("model", cli.in_registry(MODELS), **on)
+
+
+def command(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> int:
+  """Converts ``SRC`` to ``DST`` (``argv[1:]``) as the flags say; returns the exit status."""
+  src, out_dir = cli.positional(argv, 2, 2, usage=USAGE)
+  if variables_io.is_converted_checkpoint(out_dir) and not values.force:
+    print(f"error: {out_dir} already holds a converted checkpoint (--force to overwrite)",
           file=sys.stderr)
     return 1
   try:
-    convert_checkpoint(args.src, args.out_dir, model_name=args.model,
-                       num_classes=args.num_classes, backbone_only=args.backbone_only,
-                       use_meta=not args.ignore_meta, allow_unexpected=args.allow_unexpected,
-                       checkpoint_key=args.checkpoint_key, input_size=args.input_size)
+    convert_checkpoint(src, out_dir, model_name=values.model, num_classes=values.num_classes,
+                       backbone_only=values.backbone_only, use_meta=not values.ignore_meta,
+                       allow_unexpected=values.allow_unexpected,
+                       checkpoint_key=values.checkpoint_key, input_size=values.input_size)
   except (ValueError, KeyError) as e:   # ConvertError, CheckpointReadError, config errors
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
 
 
+# main([...]): the command in this process, e.g. from tests and notebooks.
+main = cli.in_process(define_flags, command)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(command, define_flags)

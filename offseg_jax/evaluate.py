@@ -36,8 +36,7 @@ from typing import Any
 from etils import epath
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from input_pipeline import datasets, image_io, storage
 from offseg_jax import checkpointing, cli, distributed
@@ -150,27 +149,19 @@ def run(config=None, checkpoint: str | None = None, *, predictions: str | None =
 
 
 def define_flags():
-  """Command-line flags; defined only when run as a program, so the tools
-  can be imported together (they share flag names)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg] (default: "
-                                  "the training checkpoint's own).", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Workdir, step directory or converted checkpoint.")
+  """The flags of ``python -m offseg_jax.evaluate`` (defined only when it runs:
+  the commands share flag names)."""
+  cli.define_checkpoint_flags()
   flags.DEFINE_string("predictions", None, "Score this folder of label PNGs instead.")
   flags.DEFINE_string("output", None, "Where to write metrics, confusion and report.")
-  flags.DEFINE_enum("mode", None, ["whole", "slide"], "Override config.eval.mode.")
-  flags.DEFINE_bool("tta", None, "Multi-scale + flip test-time augmentation "
-                    "(default: config.eval.tta).")
   flags.DEFINE_string("split", "val", "Dataset split.")
-  flags.DEFINE_enum("which", "latest", ["latest", "best"], "Step of a training workdir.")
   flags.DEFINE_integer("max_images", None, "Score only the first N images (smoke tests).")
   flags.DEFINE_integer("num_samples", 4, "Sample overlays in the report.")
   flags.DEFINE_bool("report", True, "Write report.md and its figures.")
-  distributed.define_flags()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.positional(argv)
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
   try:

@@ -36,8 +36,7 @@ import cv2
 from etils import epath
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 from PIL import Image
 from tqdm import tqdm
 
@@ -172,23 +171,15 @@ def run(config, checkpoint: str, inputs: str | epath.PathLike, output: str | epa
 
 
 def define_flags():
-  """Command-line flags; defined only when run as a program, so the tools
-  can be imported together (they share flag names)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg] (default: "
-                                  "the training checkpoint's own).", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Workdir, step directory or converted checkpoint.")
+  """The flags of ``python -m offseg_jax.predict``, defined when it runs."""
+  cli.define_checkpoint_flags()
   flags.DEFINE_string("input", None, "An image file or a folder of images.")
   flags.DEFINE_string("output", None, "Output folder.")
   flags.DEFINE_float("opacity", 0.5, "Opacity of the colours in the overlay, in [0, 1].")
-  flags.DEFINE_enum("mode", None, ["whole", "slide"], "Override config.eval.mode.")
-  flags.DEFINE_bool("tta", None, "Multi-scale + flip test-time augmentation.")
-  flags.DEFINE_enum("which", "latest", ["latest", "best"], "Step of a training workdir.")
-  distributed.define_flags()
 
 
 def main(argv: Sequence[str]):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.positional(argv)
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
   try:

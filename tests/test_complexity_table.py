@@ -59,7 +59,7 @@ def test_both_tools_print_one_paper_figure_talking_heads_counted_as_convs(capsys
   # OffSeg-nano: EfficientFormerV2 with one attention block (4 talking heads) in
   # stages 2 and 3; at 128x128 both attend over 4x4 = 16 tokens.
   counts = complexity_table.count("offseg_nano", 19, (128, 128))
-  argv = ["--model", "offseg_nano", "--num-classes", "19", "--size", "128", "128", "--no-xla"]
+  argv = ["--model", "offseg_nano", "--num-classes", "19", "--size", "128,128", "--no-xla"]
   assert complexity.main(argv + ["--json"]) == 0
   result = json.loads(capsys.readouterr().out)
   assert result["paper_gflops"] == complexity_table.paper_gmacs("offseg_nano", counts)

@@ -420,6 +420,12 @@ def test_convert_cli_round_trip_gives_identical_outputs(tiny_checkpoint, tmp_pat
   assert "--force" in capsys.readouterr().err
 
 
+def test_convert_positional_count_is_a_one_line_usage_error(capsys):
+  assert convert.main(["--model", TINY, "only_src.pth"]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"error: expected 2 arguments, got 1 (usage: {convert.USAGE})"]
+
+
 def test_convert_names_missing_and_unexpected_keys(tiny_checkpoint, tmp_path, capsys):
   _, variables, _ = tiny_checkpoint
   state = official_state(variables)

@@ -1,4 +1,5 @@
-"""Data tools: pack (tfds ArrayRecord round trip), check, Cityscapes converter, benchmark."""
+"""Data tools: pack (tfds ArrayRecord round trip), check, Cityscapes converter, the
+input benchmark (offseg_jax.tools.benchmark_input)."""
 
 import os
 import subprocess
@@ -8,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from input_pipeline import benchmark
 from input_pipeline import check
 from input_pipeline import cityscapes_convert
 from input_pipeline import datasets
 from input_pipeline import image_io
 from input_pipeline import pack
+from offseg_jax.tools import benchmark_input
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -302,11 +303,28 @@ def test_cityscapes_converter_maps_every_id(tmp_path):
 def test_benchmark_runs_the_full_pipeline_on_fake_data(tmp_path):
   config = datasets.default_data_config("cityscapes")
   config.root, config.crop_size = str(tmp_path), (32, 48)
-  benchmark.write_fake_dataset(config, str(tmp_path), 3, size=(96, 48))
+  benchmark_input.write_fake_dataset(config, str(tmp_path), 3, size=(96, 48))
   assert (tmp_path / "leftImg8bit/train/fake/fake_train_000000_leftImg8bit.png").is_file()
   lines = []
-  result = benchmark.benchmark(config, workers=2, batches=2, batch_size=2, warmup=1,
-                               log=lines.append)
+  result = benchmark_input.benchmark(config, workers=2, batches=2, batch_size=2, warmup=1,
+                                     log=lines.append)
   assert result["batch_image_shape"] == (2, 32, 48, 3)
   assert result["images_per_s"] > 0 and result["cpu_ms_per_image"] > 0
   assert "images/s" in lines[1] and "decode" in lines[2]
+
+
+def test_benchmark_command_times_both_transfer_paths_in_process(tmp_path, capsys):
+  config_file = tmp_path / "cfg.py"
+  config_file.write_text(_CONFIG_FILE)
+  args = [f"--config={config_file}:cityscapes", "--config.data.crop_size=(32, 48)",
+          "--fake=2", "--fake-size=96,48", "--workers=1", "--batches=1", "--batch_size=2",
+          "--warmup=0"]
+  assert benchmark_input.main(args) == 0
+  out = capsys.readouterr().out
+  assert "crop (32, 48)" in out
+  assert "loader + transfer (float32)" in out and "loader + transfer (uint8)" in out
+  assert "uint8 transfer vs float32" in out
+  # Bad input: one line, exit status 2.
+  assert benchmark_input.main(args + ["extra"]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      "error: unexpected argument: extra (see --help)"]

@@ -1,4 +1,5 @@
-"""The parity tool (fixtures -> registered components) and the complexity tool."""
+"""The parity tool (fixtures -> registered components), the complexity tool and the
+command-line conventions every command shares (offseg_jax.cli)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
+from offseg_jax import cli
 from offseg_jax.conversion import core
 from offseg_jax.models import classifiers, layers, segmentor
 from offseg_jax.registry import BACKBONES, BLOCKS, HEADS, MODELS, NECKS
 from offseg_jax.tools import complexity, parity
+from test_conversion import TinyBackbone   # two BN conv stages with dotted names
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY = Path(os.environ.get("OFFSEG_SHARED", REPO.parent / "shared")) / "parity"
@@ -27,18 +31,6 @@ PARITY = Path(os.environ.get("OFFSEG_SHARED", REPO.parent / "shared")) / "parity
 # ---------------------------------------------------------------------------
 # Tiny registered components to build fixtures for.
 # ---------------------------------------------------------------------------
-
-class TinyBackbone(nn.Module):
-  widths: tuple = (8, 16)
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    outs = []
-    for i, w in enumerate(self.widths):
-      x = layers.ConvModule(w, 3, 2, 1, norm="bn", name=f"stages.{i}")(x, train)
-      outs.append(x)
-    return tuple(outs)
-
 
 class TinyHead(nn.Module):
   num_classes: int
@@ -365,7 +357,7 @@ def test_param_count_separates_the_unused_conv_seg():
 
 
 def test_complexity_cli_prints_params_and_gflops(capsys):
-  argv = ["--model", "test_tools_tiny", "--num-classes", "5", "--size", "40", "56"]
+  argv = ["--model", "test_tools_tiny", "--num-classes", "5", "--size", "40,56"]
   assert complexity.main(argv + ["--json"]) == 0
   result = json.loads(capsys.readouterr().out)
   model = _tiny_segmentor(5)
@@ -380,6 +372,16 @@ def test_complexity_cli_prints_params_and_gflops(capsys):
   assert complexity.main(argv + ["--no-xla"]) == 0
   text = capsys.readouterr().out
   assert "params:" in text and "conv-only" in text and "GMACs" in text
+  # An unknown model or a malformed size: one line naming the flag, status 2.
+  assert complexity.main(["--model", "test_tools_tiy"]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      "error: flag --model=test_tools_tiy: Unknown model 'test_tools_tiy'. Did you mean ")
+  assert "'test_tools_tiny'" in err[0]
+  assert complexity.main(argv[:4] + ["--size=40,x"]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      "error: flag --size=['40', 'x']: give H,W or one size, positive integers "
+      "(e.g. --size=512,1024)"]
 
 
 def _figures():
@@ -402,3 +404,70 @@ def test_counts_match_the_published_figures(row):
   assert result["conv_gmacs"] == pytest.approx(figures["gmacs_conv_only"], rel=0.03)
   assert result["matmul_gmacs"] == pytest.approx(figures["gmacs_all"], rel=0.03)
   assert result["paper_gflops"] == pytest.approx(figures["paper_gflops"], rel=0.03)
+
+
+# ---------------------------------------------------------------------------
+# The command-line conventions (offseg_jax.cli).
+# ---------------------------------------------------------------------------
+
+def _tool_flags(values):
+  flags.DEFINE_integer("num_classes", None, "Classes.", flag_values=values)
+  flags.DEFINE_bool("xla", True, "Compile.", flag_values=values)
+  flags.DEFINE_bool("backbone_only", False, "Backbone.", flag_values=values)
+  flags.DEFINE_list("size", ["512"], "H,W.", flag_values=values)
+
+
+def _parsed(argv):
+  seen = {}
+
+  def command(positional, values):
+    seen.update(args=cli.positional(positional, 1, 2, usage="tool SRC [DST]"),
+                **{name: values[name].value for name in ("num_classes", "xla", "backbone_only",
+                                                         "size")})
+  return cli.call(_tool_flags, command, argv), seen
+
+
+def test_flags_take_dashes_or_underscores_and_positionals_anywhere():
+  rc, seen = _parsed(["--num-classes", "5", "src", "--no-xla", "--backbone-only",
+                      "--size=64,32", "dst"])
+  assert rc == 0
+  assert seen == {"args": ["src", "dst"], "num_classes": 5, "xla": False,
+                  "backbone_only": True, "size": ["64", "32"]}
+  rc, seen = _parsed(["--num_classes=7", "--noxla", "--nobackbone-only", "src"])
+  assert (rc, seen["num_classes"], seen["xla"], seen["backbone_only"]) == (0, 7, False, False)
+  # After "--" everything is positional, dashes and all (launch.local's command).
+  rc, seen = _parsed(["--", "--num-classes", "9"])
+  assert rc == 0 and seen["args"] == ["--num-classes", "9"] and seen["num_classes"] is None
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["a", "b", "c"], "error: unexpected argument: c (usage: tool SRC [DST])"),
+    ([], "error: expected at least 1 argument, got 0 (usage: tool SRC [DST])"),
+    (["--num-classes=x", "a"],
+     "error: flag --num_classes=x: invalid literal for int() with base 10: 'x'"),
+    (["--nmu_classes=3", "a"], "error: Unknown command line flag 'nmu_classes'. Did you mean: "
+     "num_classes ?"),
+])
+def test_bad_command_lines_end_with_one_line_and_status_2(argv, line, capsys):
+  assert _parsed(argv)[0] == 2
+  captured = capsys.readouterr()
+  assert captured.err.splitlines() == [line] and not captured.out
+
+
+COMMANDS = ["offseg_jax.convert", "offseg_jax.evaluate", "offseg_jax.predict",
+            "offseg_jax.tools.complexity", "offseg_jax.tools.complexity_table",
+            "offseg_jax.tools.parity", "offseg_jax.tools.benchmark_evaluation",
+            "offseg_jax.tools.benchmark_input", "launch.local"]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_command_prints_its_usage_and_flags(module):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  # absl's --help exits with status 1 after printing the module docstring
+  # (which shows the command line) and the command's own flags.
+  assert f"python -m {module}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "Try --helpfull" in proc.stdout and "Traceback" not in proc.stderr
+  own = proc.stdout.split("flags:", 1)[1]
+  assert own.count("\n  --") >= 1

@@ -2,8 +2,12 @@ r"""Parameter and FLOP counts of a registered model, under the papers' conventio
 
 Usage::
 
-  python -m offseg_jax.tools.complexity --model offseg_t --num-classes 150 --size 512 512
-  python -m offseg_jax.tools.complexity --model segformer_b0_ol --size 512 512 --json
+  python -m offseg_jax.tools.complexity --model offseg_t --num-classes 150 --size 512,512
+  python -m offseg_jax.tools.complexity --model segformer_b0_ol --size 512,512 --json
+  python -m offseg_jax.tools.complexity --model frm_van_b0 --size 1024,2048 --no-xla
+
+``--size`` is the input's H,W (one number: a square); ``--no-xla`` (absl's
+``--noxla``) only traces. Flag names take dashes or underscores alike.
 
 Three FLOP figures are reported for the eval forward of one image:
 
@@ -31,24 +35,24 @@ convention of the model's family (:func:`paper_gmacs`, which
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import re
-import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from etils import epath
 import flax
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
+from absl import flags
 
-from offseg_jax import models
+from offseg_jax import cli, models
 from offseg_jax.models import layers
 from offseg_jax.models.construction import parameter_table  # noqa: F401  (re-exported)
+from offseg_jax.registry import MODELS
 
 _MMENGINE = ("paper GFLOPs = mmengine's counter (MACs of convs, linears and matmuls + "
              "~1.5 % norm/activation terms); reported: conv + matmul GMACs")
@@ -322,23 +326,45 @@ def format_report(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m offseg_jax.tools.complexity",
-      description="Parameters and FLOPs of a registered model.")
-  parser.add_argument("--model", required=True)
-  parser.add_argument("--num-classes", type=int, default=150)
-  parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--no-xla", action="store_true",
-                      help="skip compiling for XLA's cost analysis (trace-only counts)")
-  parser.add_argument("--json", action="store_true", help="print one JSON object")
-  args = parser.parse_args(argv)
-  result = analyze(args.model, args.num_classes, args.size, args.batch,
-                   compile_xla=not args.no_xla)
-  print(json.dumps(result) if args.json else format_report(result))
+def _input_size(size: Sequence[str]) -> tuple[int, int] | None:
+  """``--size`` as (H, W): ``H,W`` or one number for a square; None if malformed."""
+  try:
+    hw = tuple(int(v) for v in size)
+  except ValueError:
+    return None
+  hw = hw * 2 if len(hw) == 1 else hw
+  return hw if len(hw) == 2 and min(hw) > 0 else None
+
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``values`` (defined only when it runs)."""
+  on = {"flag_values": values}
+  flags.DEFINE_string("model", None, "Registered model name.", required=True, **on)
+  flags.DEFINE_integer("num_classes", 150, "Classes of the head.", **on)
+  flags.DEFINE_list("size", ["512", "512"], "Input H,W (one number: a square).", **on)
+  flags.DEFINE_integer("batch", 1, "Images per forward (FLOPs are for the batch).", **on)
+  flags.DEFINE_bool("xla", True, "Also compile for XLA's cost analysis (--noxla: "
+                    "trace-only counts).", **on)
+  flags.DEFINE_bool("json", False, "Print one JSON object.", **on)
+  flags.register_validator("model", cli.in_registry(MODELS), **on)
+  flags.register_validator("size", lambda v: _input_size(v) is not None,
+                           "give H,W or one size, positive integers (e.g. --size=512,1024)",
+                           **on)
+
+
+def command(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> int:
+  """Prints the counts of ``--model`` as the flags say; returns the exit status."""
+  cli.positional(argv, usage="python -m offseg_jax.tools.complexity --model=NAME "
+                 "[--size=H,W] [--num_classes=N] [--noxla] [--json]")
+  result = analyze(values.model, values.num_classes, _input_size(values.size), values.batch,
+                   compile_xla=values.xla)
+  print(json.dumps(result) if values.json else format_report(result))
   return 0
 
 
+# main([...]): the command in this process, e.g. from tests and notebooks.
+main = cli.in_process(define_flags, command)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(command, define_flags)

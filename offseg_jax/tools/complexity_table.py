@@ -3,7 +3,7 @@ r"""Parameters and GFLOPs of every OffSeg-family model next to the paper's figur
 Usage::
 
   python -m offseg_jax.tools.complexity_table [--out docs/complexity.md]
-      [--models offseg_t segnext_t_ol ...] [--max-trace-seconds 180]
+      [--models=offseg_t,segnext_t_ol,...] [--max-trace-seconds 180]
 
 For offseg_t/b/l, segformer_b0..b5 and segnext_t/s/b, each with and without
 Offset Learning (``_ol``), it counts the parameters (with the unused
@@ -32,15 +32,17 @@ The ratio column is ours / paper; a row "agrees" within 3 %.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import signal
 import sys
 import time
+from typing import Sequence
+
+from absl import flags
 
 from input_pipeline import storage
-from offseg_jax import models
+from offseg_jax import cli, models
 from offseg_jax.tools import complexity
 
 TOLERANCE = 0.03
@@ -61,36 +63,42 @@ SETTINGS = {
     "cityscapes": Setting("Cityscapes", 19, (1024, 2048)),
 }
 
+
+def _paper_table(settings: Sequence[str], rows) -> dict[str, tuple[float, dict[str, float]]]:
+  """``PAPER`` entries of one table of the paper.
+
+  ``rows``: ``(model, (params, *GFLOPs))`` with one GFLOPs figure per setting,
+  and for a table with Offset Learning variants the ``_ol`` model's
+  ``(params, *GFLOPs)`` after it.
+  """
+  entries = {}
+  for model, *variants in rows:
+    for suffix, (params, *gflops) in zip(("", "_ol"), variants):
+      entries[model + suffix] = (params, dict(zip(settings, gflops)))
+  return entries
+
+
 # The paper's figures (arXiv 2508.08811, Tables 2-4; spec offseg.md §5):
 # model -> (params in M at 150 classes, {setting: GFLOPs}).
 PAPER = {
-    "offseg_t": (6.2, {"ade20k": 5.3, "coco_stuff164k": 5.3, "cityscapes": 44.8}),
-    "offseg_b": (13.0, {"ade20k": 10.3, "coco_stuff164k": 10.3, "cityscapes": 86.5}),
-    "offseg_l": (26.4, {"ade20k": 17.1, "coco_stuff164k": 17.1, "cityscapes": 143.4}),
-    "segformer_b0": (3.8, {"ade20k": 8.4, "coco_stuff164k": 8.6}),
-    "segformer_b0_ol": (3.9, {"ade20k": 8.8, "coco_stuff164k": 8.9}),
-    "segformer_b1": (13.7, {"ade20k": 15.9, "coco_stuff164k": 16.1}),
-    "segformer_b1_ol": (13.9, {"ade20k": 16.3, "coco_stuff164k": 16.4}),
-    "segformer_b2": (24.8, {"ade20k": 25.9, "coco_stuff164k": 26.0}),
-    "segformer_b2_ol": (24.9, {"ade20k": 26.1, "coco_stuff164k": 26.2}),
-    "segformer_b3": (44.6, {"ade20k": 42.5, "coco_stuff164k": 42.6}),
-    "segformer_b3_ol": (44.8, {"ade20k": 42.8, "coco_stuff164k": 42.9}),
-    "segformer_b4": (61.4, {"ade20k": 59.2, "coco_stuff164k": 59.3}),
-    "segformer_b4_ol": (61.6, {"ade20k": 59.5, "coco_stuff164k": 59.6}),
-    "segformer_b5": (82.0, {"ade20k": 75.2, "coco_stuff164k": 75.3}),
-    "segformer_b5_ol": (82.2, {"ade20k": 75.5, "coco_stuff164k": 75.5}),
-    "segnext_t": (4.3, {"ade20k": 6.6, "cityscapes": 50.5, "pascal_context59": 6.6,
-                        "coco_stuff164k": 6.6}),
-    "segnext_t_ol": (4.4, {"ade20k": 7.2, "cityscapes": 53.1, "pascal_context59": 6.8,
-                           "coco_stuff164k": 7.3}),
-    "segnext_s": (13.9, {"ade20k": 15.9, "cityscapes": 124.6, "pascal_context59": 15.9,
-                         "coco_stuff164k": 15.9}),
-    "segnext_s_ol": (14.1, {"ade20k": 16.5, "cityscapes": 127.2, "pascal_context59": 16.1,
-                            "coco_stuff164k": 16.6}),
-    "segnext_b": (27.6, {"ade20k": 34.9, "cityscapes": 275.7, "pascal_context59": 34.9,
-                         "coco_stuff164k": 34.9}),
-    "segnext_b_ol": (28.2, {"ade20k": 34.8, "cityscapes": 269.6, "pascal_context59": 34.1,
-                            "coco_stuff164k": 35.0}),
+    # Table 2: OffSeg.
+    **_paper_table(("ade20k", "coco_stuff164k", "cityscapes"), [
+        ("offseg_t", (6.2, 5.3, 5.3, 44.8)),
+        ("offseg_b", (13.0, 10.3, 10.3, 86.5)),
+        ("offseg_l", (26.4, 17.1, 17.1, 143.4))]),
+    # Table 4: SegFormer without and with OL.
+    **_paper_table(("ade20k", "coco_stuff164k"), [
+        ("segformer_b0", (3.8, 8.4, 8.6), (3.9, 8.8, 8.9)),
+        ("segformer_b1", (13.7, 15.9, 16.1), (13.9, 16.3, 16.4)),
+        ("segformer_b2", (24.8, 25.9, 26.0), (24.9, 26.1, 26.2)),
+        ("segformer_b3", (44.6, 42.5, 42.6), (44.8, 42.8, 42.9)),
+        ("segformer_b4", (61.4, 59.2, 59.3), (61.6, 59.5, 59.6)),
+        ("segformer_b5", (82.0, 75.2, 75.3), (82.2, 75.5, 75.5))]),
+    # Table 3: SegNeXt without and with OL.
+    **_paper_table(("ade20k", "cityscapes", "pascal_context59", "coco_stuff164k"), [
+        ("segnext_t", (4.3, 6.6, 50.5, 6.6, 6.6), (4.4, 7.2, 53.1, 6.8, 7.3)),
+        ("segnext_s", (13.9, 15.9, 124.6, 15.9, 15.9), (14.1, 16.5, 127.2, 16.1, 16.6)),
+        ("segnext_b", (27.6, 34.9, 275.7, 34.9, 34.9), (28.2, 34.8, 269.6, 34.1, 35.0))]),
 }
 
 # Where two tables of the paper disagree, the figure used above and why.
@@ -311,30 +319,48 @@ def to_markdown(rows: list[Row], command: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m offseg_jax.tools.complexity_table",
-      description="Parameters and GFLOPs of the OffSeg-family models versus the paper.")
-  parser.add_argument("--out", help="write the markdown report here (e.g. docs/complexity.md)")
-  parser.add_argument("--models", nargs="+", default=list(PAPER), choices=list(PAPER),
-                      metavar="MODEL", help="models to count (default: all)")
-  parser.add_argument("--max-trace-seconds", type=float, default=180.0,
-                      help="skip a (model, setting) whose trace takes longer (0: no limit)")
-  args = parser.parse_args(argv)
-  rows = build_rows(args.models, args.max_trace_seconds, log=lambda s: print(s, file=sys.stderr))
-  command = "python -m offseg_jax.tools.complexity_table"
-  if args.models != list(PAPER):
-    command += " --models " + " ".join(args.models)
-  if args.out:
-    command += f" --out {args.out}"
-  report = to_markdown(rows, command)
-  if args.out:
-    out = storage.absolute(args.out)
+def _known_models(names: Sequence[str] | None) -> bool:
+  unknown = [n for n in names or () if n not in PAPER]
+  if unknown:
+    raise flags.ValidationError(f"unknown model {unknown[0]!r} (choose from "
+                                f"{', '.join(PAPER)})")
+  return True
+
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``values`` (defined only when it runs)."""
+  on = {"flag_values": values}
+  flags.DEFINE_string("out", None, "Write the markdown report here (e.g. docs/complexity.md).",
+                      **on)
+  flags.DEFINE_list("models", None, "Models to count (default: all of the paper's).", **on)
+  flags.DEFINE_float("max_trace_seconds", 180.0, "Skip a (model, setting) whose trace takes "
+                     "longer (0: no limit).", **on)
+  flags.register_validator("models", _known_models, **on)
+
+
+def command(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> int:
+  """Counts, prints and (``--out``) writes the report; returns the exit status."""
+  cli.positional(argv, usage="python -m offseg_jax.tools.complexity_table [--out=FILE] "
+                 "[--models=NAME,...] [--max_trace_seconds=S]")
+  names = values.models or list(PAPER)
+  rows = build_rows(names, values.max_trace_seconds, log=lambda s: print(s, file=sys.stderr))
+  command_line = "python -m offseg_jax.tools.complexity_table"
+  if names != list(PAPER):
+    command_line += " --models=" + ",".join(names)
+  if values.out:
+    command_line += f" --out {values.out}"
+  report = to_markdown(rows, command_line)
+  if values.out:
+    out = storage.absolute(values.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
   print(report)
   return 0
 
 
+# main([...]): the command in this process, e.g. from tests and notebooks.
+main = cli.in_process(define_flags, command)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(command, define_flags)

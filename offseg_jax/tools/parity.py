@@ -19,26 +19,28 @@ precision, and prints one JSON line per fixture::
 segmentors also ``logits_full`` and ``pred``: the fraction of flipped argmax
 pixels, which passes up to 1e-3); ``extra`` has unscored diagnostics (backbone
 features). The exit status is non-zero if any fixture fails or names a component
-that is not registered (``--skip-unregistered`` accepts the latter).
+that is not registered (``--skip-unregistered`` accepts the latter); without
+arguments every fixture of the default directory (``$OFFSEG_SHARED/parity``,
+else ``shared/parity`` next to this repository) is checked.
 """
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import inspect
 import json
 import os
 import re
-import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from offseg_jax import cli
 from offseg_jax import models  # noqa: F401  (registers every model family)
 from offseg_jax.conversion import core
 from offseg_jax.models import layers
@@ -309,29 +311,33 @@ def _expand(paths) -> list[str]:
   return out
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m offseg_jax.tools.parity",
-      description="Check registered components against official parity fixtures.")
-  parser.add_argument("fixtures", nargs="*",
-                      help=f"NAME.npz files or directories (default: {default_fixture_dir()})")
-  parser.add_argument("--skip-unregistered", action="store_true",
-                      help="exit 0 when a fixture's component is not registered")
-  args = parser.parse_args(argv)
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flag, on ``values`` (defined only when it runs)."""
+  flags.DEFINE_bool("skip_unregistered", False, "Exit 0 when a fixture's component is not "
+                    "registered.", flag_values=values)
+
+
+def command(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> int:
+  """Checks the fixtures named in ``argv[1:]`` (files or directories; none: the
+  default directory), one JSON line each; returns the exit status."""
   status = 0
-  for path in _expand(args.fixtures or [default_fixture_dir()]):
+  for path in _expand(cli.positional(argv, maximum=None) or [default_fixture_dir()]):
     try:
       result = check_fixture(path)
     except Exception as e:  # pylint: disable=broad-except  # report and go on to the next
       result = {"fixture": _paths(path)[0], "pass": False, "error": f"{type(e).__name__}: {e}"}
     print(json.dumps(result), flush=True)
     if result.get("skipped") == "not registered":
-      if not args.skip_unregistered:
+      if not values.skip_unregistered:
         status = 1
     elif not result["pass"]:
       status = 1
   return status
 
 
+# main([...]): the command in this process, e.g. from tests and notebooks.
+main = cli.in_process(define_flags, command)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(command, define_flags)

@@ -1,6 +1,6 @@
 r"""Evaluation throughput and compile count on a fake ADE20K validation split.
 
-  python -m offseg_jax.evaluation.benchmark --devices=8 [--model=tiny] \
+  python -m offseg_jax.tools.benchmark_evaluation --devices=8 [--model=tiny] \
       [--images=64] [--mode=whole] [--batch=8] [--workdir=/tmp/offseg_evalbench]
 
 Writes (once) an ADE20K folder layout of ``--images`` JPEG images with label
@@ -15,20 +15,25 @@ one JSON line: XLA compiles and their seconds, and images/s of a cold
 evaluation (compiles included, what a user waits for) and of a warm one (the
 second evaluation of a training run).
 
-``--impl=runner`` times the per-image runner of earlier versions: run this file
-(``python /path/to/benchmark.py``) with ``PYTHONPATH`` pointing at such a tree;
-``auto`` picks the batched evaluator when the package has it.
+``--impl=runner`` times the per-image runner (``evaluation.runner``) of earlier
+versions instead of the batched evaluator: run this file
+(``python /path/to/benchmark_evaluation.py``) with ``PYTHONPATH`` pointing at
+such a tree (one with ``offseg_jax.cli``); ``auto`` picks the batched evaluator
+when the package has it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from typing import Sequence
 
+from absl import flags
 import numpy as np
+
+from offseg_jax import cli
 
 SIZES = ((512, 683), (683, 512), (512, 512), (384, 512), (512, 768), (375, 500),
          (256, 341), (480, 640), (600, 450), (768, 512), (427, 640), (512, 640),
@@ -81,26 +86,16 @@ def write_fake_ade(root: str, num_images: int, kind: str = "distinct", seed: int
   return os.fspath(root)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices")
-  parser.add_argument("--model", default="tiny", help="registered model name")
-  parser.add_argument("--images", type=int, default=64)
-  parser.add_argument("--sizes", default="distinct", choices=("distinct", "pool"))
-  parser.add_argument("--mode", default="whole", choices=("whole", "slide"))
-  parser.add_argument("--batch", type=int, default=8, help="global eval batch")
-  parser.add_argument("--impl", default="auto", choices=("auto", "runner", "evaluator"))
-  parser.add_argument("--workdir", default="/tmp/offseg_evalbench")
-  parser.add_argument("--warm", type=int, default=1, help="timed repeat evaluations")
-  parser.add_argument("--buckets_per_octave", type=int, default=None,
-                      help="config.eval.buckets_per_octave (evaluator only; 0 = exact sizes)")
-  parser.add_argument("--save", default=None, help="write the confusion matrix (.npy) here")
-  args = parser.parse_args(argv)
+def benchmark(model_name: str = "tiny", images: int = 64, sizes: str = "distinct",
+              mode: str = "whole", batch: int = 8, impl: str = "auto",
+              workdir: str = "/tmp/offseg_evalbench", warm: int = 1,
+              buckets_per_octave: int | None = None) -> tuple[dict, np.ndarray]:
+  """Times evaluations of ``model_name`` on the fake split; returns the figures
+  and the confusion matrix. Runs on the devices JAX has (see the module doc).
 
-  # Simulated devices must be configured before JAX initialises its backend.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={args.devices}")
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  Raises:
+    ValueError: ``impl='evaluator'`` but this offseg_jax has no batched evaluator.
+  """
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from jax import monitoring  # pylint: disable=g-import-not-at-top
@@ -120,30 +115,29 @@ def main(argv=None) -> dict:
 
   monitoring.register_event_duration_secs_listener(on_duration)
 
-  root = write_fake_ade(args.workdir, args.images, args.sizes)
+  root = write_fake_ade(workdir, images, sizes)
   config = common.base_config()
-  config.model = common.model_config(args.model)
+  config.model = common.model_config(model_name)
   config.data = common.data_config("ade20k", root=root + "/ADEChallengeData2016",
                                    num_threads=2)
-  config.eval.mode = args.mode
-  config.eval.batch_size = args.batch
-  if args.buckets_per_octave is not None:
-    config.eval.buckets_per_octave = args.buckets_per_octave
+  config.eval.mode = mode
+  config.eval.batch_size = batch
+  if buckets_per_octave is not None:
+    config.eval.buckets_per_octave = buckets_per_octave
   info = datasets.dataset_info(config.data)
 
-  impl = args.impl
   try:
     from offseg_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
     from offseg_jax.models import construction  # pylint: disable=g-import-not-at-top
     create_model, init_variables = construction.create_model, construction.init_variables
-  except ImportError:
+  except ImportError:     # an earlier tree: the per-image runner, model code in train
     evaluator_lib = None
     from offseg_jax import train  # pylint: disable=g-import-not-at-top
     create_model, init_variables = train.create_model, train.init_variables
   if impl == "auto":
     impl = "evaluator" if evaluator_lib is not None else "runner"
   if impl == "evaluator" and evaluator_lib is None:
-    sys.exit("--impl=evaluator: this offseg_jax has no batched evaluator")
+    raise ValueError("--impl=evaluator: this offseg_jax has no batched evaluator")
 
   model = create_model(config, info.num_classes)
   variables = jax.jit(functools.partial(init_variables, model, config))(jax.random.PRNGKey(0))
@@ -162,7 +156,7 @@ def main(argv=None) -> dict:
       return ev.evaluate(variables).confusion
 
   timings = []
-  for _ in range(1 + max(args.warm, 0)):
+  for _ in range(1 + max(warm, 0)):
     start = time.perf_counter()
     confusion = run_once()
     timings.append(time.perf_counter() - start)
@@ -170,22 +164,70 @@ def main(argv=None) -> dict:
       cold = {"count": compiles["count"] - base["count"],
               "seconds": compiles["seconds"] - base["seconds"]}
   result = {
-      "impl": impl, "model": args.model, "devices": jax.device_count(), "mode": args.mode,
-      "images": args.images, "sizes": args.sizes, "batch": args.batch, "labelled_pixels": int(confusion.sum()),
+      "impl": impl, "model": model_name, "devices": jax.device_count(), "mode": mode,
+      "images": images, "sizes": sizes, "batch": batch,
+      "labelled_pixels": int(confusion.sum()),
       "compiles": cold["count"], "compile_s": round(cold["seconds"], 2),
       "warm_compiles": compiles["count"] - base["count"] - cold["count"],
-      "cold_s": round(timings[0], 2), "cold_images_per_s": round(args.images / timings[0], 2),
+      "cold_s": round(timings[0], 2), "cold_images_per_s": round(images / timings[0], 2),
       "warm_s": round(min(timings[1:]), 2) if len(timings) > 1 else None,
-      "warm_images_per_s": (round(args.images / min(timings[1:]), 2)
+      "warm_images_per_s": (round(images / min(timings[1:]), 2)
                             if len(timings) > 1 else None)}
-  if args.save:
+  return result, confusion
+
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``values`` (defined only when it runs)."""
+  on = {"flag_values": values}
+  flags.DEFINE_integer("devices", 1, "Simulated CPU devices.", **on)
+  flags.DEFINE_string("model", "tiny", "Registered model name.", **on)
+  flags.DEFINE_integer("images", 64, "Fake validation images.", **on)
+  flags.DEFINE_enum("sizes", "distinct", ["distinct", "pool"],
+                    "Every image its own size, or sizes drawn from a pool of 16.", **on)
+  flags.DEFINE_enum("mode", "whole", ["whole", "slide"], "Inference mode.", **on)
+  flags.DEFINE_integer("batch", 8, "Global eval batch.", **on)
+  flags.DEFINE_enum("impl", "auto", ["auto", "runner", "evaluator"],
+                    "Batched evaluator or per-image runner (auto: the evaluator if any).", **on)
+  flags.DEFINE_string("workdir", "/tmp/offseg_evalbench", "Where the fake split is written.",
+                      **on)
+  flags.DEFINE_integer("warm", 1, "Timed repeat evaluations.", **on)
+  flags.DEFINE_integer("buckets_per_octave", None,
+                       "config.eval.buckets_per_octave (evaluator only; 0 = exact sizes).", **on)
+  flags.DEFINE_string("save", None, "Write the confusion matrix (.npy) here.", **on)
+
+
+def command(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> int:
+  """Runs :func:`benchmark` on ``--devices`` devices and prints its JSON line."""
+  cli.positional(argv)
+  # Simulated devices must be configured before JAX initialises its backend.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={values.devices}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == "cpu" and jax.device_count() != values.devices:
+    # JAX had started before (main() in a process that uses it).
+    print(f"error: --devices={values.devices}, but JAX already runs on {jax.device_count()} "
+          "devices in this process", file=sys.stderr)
+    return 1
+  try:
+    result, confusion = benchmark(
+        values.model, values.images, values.sizes, values.mode, values.batch, values.impl,
+        values.workdir, values.warm, values.buckets_per_octave)
+  except (KeyError, OSError, ValueError) as e:   # an unknown model, an unwritable workdir
+    print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+    return 1
+  if values.save:
     from etils import epath  # pylint: disable=g-import-not-at-top
-    save = args.save if args.save.endswith(".npy") else args.save + ".npy"   # as np.save
+    save = values.save if values.save.endswith(".npy") else values.save + ".npy"   # as np.save
     with epath.Path(save).open("wb") as f:
       np.save(f, confusion)
   print(json.dumps(result), flush=True)
-  return result
+  return 0
+
+
+# main([...]): the command in this process, e.g. from tests and notebooks.
+main = cli.in_process(define_flags, command)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(command, define_flags)

@@ -1,6 +1,6 @@
 """Throughput of the full training input pipeline (images/s).
 
-  python -m input_pipeline.benchmark --config experiments/configs/X.py[:arg] \
+  python -m offseg_jax.tools.benchmark_input --config experiments/configs/X.py[:arg] \
       [--workers 8] [--batches 20] [--batch_size 8] [--fake 32] [--transfer both]
 
 Runs decode + RandomResize/RandomCrop/RandomFlip/PhotoMetricDistortion +
@@ -25,10 +25,12 @@ temporary folder and benchmarks those, so no download is needed.
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tempfile
 import time
+from typing import Callable, Iterator, Sequence
 
-from absl import app
 from absl import flags
 import cv2
 from etils import epath
@@ -38,6 +40,7 @@ import numpy as np
 from input_pipeline import datasets
 from input_pipeline import image_io
 from input_pipeline import transforms
+from offseg_jax import cli
 
 # Typical image size (w, h) of each dataset, for --fake.
 FAKE_SIZES = {"ade20k": (683, 512), "cityscapes": (2048, 1024), "coco_stuff164k": (640, 480),
@@ -106,6 +109,39 @@ def stage_times(source, train_transform, finalize, num_examples: int = 8, seed: 
   return tuple(1000.0 * totals / max(n, 1))
 
 
+def _batches(source, train_transform, finalize, workers: int, batch_size: int,
+             prefetch: int | None, seed: int) -> Iterator[dict]:
+  """The grain training pipeline over ``source``: an endless iterator of batches."""
+  import grain  # pylint: disable=g-import-not-at-top
+  dataset = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+             .random_map(train_transform, seed=seed).map(finalize)
+             .batch(batch_size, drop_remainder=True))
+  read_options = grain.ReadOptions(num_threads=workers,
+                                   prefetch_buffer_size=prefetch or max(workers, 1))
+  return iter(dataset.to_iter_dataset(read_options))
+
+
+def _timed_batches(iterator: Iterator[dict], batches: int, warmup: int,
+                   consume: Callable[[dict], object] = lambda batch: None
+                   ) -> tuple[float, float, dict]:
+  """``(wall s, process CPU s, last batch)`` of taking and consuming ``batches``
+  batches after ``warmup`` untimed ones; closes the iterator (its threads)."""
+  batch = None
+  try:
+    for _ in range(warmup):
+      batch = next(iterator)
+      consume(batch)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+      batch = next(iterator)
+      consume(batch)
+    return time.perf_counter() - wall, time.process_time() - cpu, batch
+  finally:
+    close = getattr(iterator, "close", None)
+    if close:
+      close()
+
+
 def transfer_benchmark(data_config, transfer: str, split: str = "train", workers: int = 8,
                        batches: int = 20, batch_size: int = 8, warmup: int = 2,
                        prefetch: int | None = None, seed: int = 0, log=print) -> dict:
@@ -115,7 +151,6 @@ def transfer_benchmark(data_config, transfer: str, split: str = "train", workers
   images and int32 labels ready on the local devices (sharded over them as in
   training).
   """
-  import grain  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from input_pipeline import loader  # pylint: disable=g-import-not-at-top
   if transfer not in loader.TRANSFER_DTYPES:
@@ -136,28 +171,13 @@ def transfer_benchmark(data_config, transfer: str, split: str = "train", workers
       out = float_finalize(example)
       return {"image": out["image"].astype(np.float32),
               "label": np.asarray(out["label"]).astype(np.int32)}
-  dataset = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-             .random_map(train_transform, seed=seed).map(finalize)
-             .batch(batch_size, drop_remainder=True))
-  read_options = grain.ReadOptions(num_threads=workers,
-                                   prefetch_buffer_size=prefetch or max(workers, 1))
   to_inputs = jax.jit(lambda b: loader.device_batch(b, tuple(data_config.mean),
                                                      tuple(data_config.std)))
-  iterator = iter(dataset.to_iter_dataset(read_options))
-  sent = 0
-  try:
-    for _ in range(warmup):
-      jax.block_until_ready(to_inputs(loader.to_global(next(iterator), mesh)))
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-      batch = next(iterator)
-      sent += sum(v.nbytes for v in batch.values())
-      jax.block_until_ready(to_inputs(loader.to_global(batch, mesh)))
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-  finally:
-    close = getattr(iterator, "close", None)
-    if close:
-      close()
+  wall, cpu, batch = _timed_batches(
+      _batches(source, train_transform, finalize, workers, batch_size, prefetch, seed),
+      batches, warmup,
+      consume=lambda b: jax.block_until_ready(to_inputs(loader.to_global(b, mesh))))
+  sent = batches * sum(v.nbytes for v in batch.values())    # every batch has these shapes
   images = batches * batch_size
   result = {"transfer": transfer, "images_per_s": images / wall,
             "cpu_ms_per_image": 1000.0 * cpu / images, "bytes_per_image": sent / images,
@@ -172,27 +192,12 @@ def benchmark(data_config, split: str = "train", workers: int = 8, batches: int 
               batch_size: int = 8, warmup: int = 2, prefetch: int | None = None,
               seed: int = 0, log=print) -> dict:
   """Times ``batches`` batches of the grain training pipeline; returns the figures."""
-  import grain  # pylint: disable=g-import-not-at-top
   source = datasets.build_source(data_config, split)
   train_transform = transforms.build_train_transform(data_config)
   finalize = transforms.build_train_finalize(data_config)
-  dataset = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-             .random_map(train_transform, seed=seed).map(finalize)
-             .batch(batch_size, drop_remainder=True))
-  read_options = grain.ReadOptions(num_threads=workers,
-                                   prefetch_buffer_size=prefetch or max(workers, 1))
-  iterator = iter(dataset.to_iter_dataset(read_options))
-  try:
-    for _ in range(warmup):
-      batch = next(iterator)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-      batch = next(iterator)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-  finally:
-    close = getattr(iterator, "close", None)
-    if close:
-      close()
+  wall, cpu, batch = _timed_batches(
+      _batches(source, train_transform, finalize, workers, batch_size, prefetch, seed),
+      batches, warmup)
   images = batches * batch_size
   result = {
       "images_per_s": images / wall, "cpu_ms_per_image": 1000.0 * cpu / images,
@@ -215,15 +220,36 @@ def benchmark(data_config, split: str = "train", workers: int = 8, batches: int 
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
-  data_config = datasets.data_config_of(f.config)
-  workers = f.workers if f.workers is not None else int(data_config.num_threads)
-  options = dict(split=f.split, workers=workers, batches=f.batches, batch_size=f.batch_size,
-                 warmup=f.warmup, prefetch=f.prefetch)
-  paths = {"none": (), "both": ("float32", "uint8")}.get(f.transfer, (f.transfer,))
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``values`` (defined only when it runs)."""
+  on = {"flag_values": values}
+  config_flags.DEFINE_config_file("config", None, "Experiment config: path.py[:arg].",
+                                  lock_config=True, **on)
+  flags.DEFINE_string("split", "train", "Split to read.", **on)
+  flags.DEFINE_integer("workers", None, "grain threads (default data.num_threads).", **on)
+  flags.DEFINE_integer("batches", 20, "Timed batches.", **on)
+  flags.DEFINE_integer("batch_size", 8, "Examples per batch.", **on)
+  flags.DEFINE_integer("warmup", 2, "Untimed batches first.", **on)
+  flags.DEFINE_integer("prefetch", None, "grain prefetch buffer (default = workers).", **on)
+  flags.DEFINE_integer("fake", 0, "Generate N fake examples per split and benchmark those.",
+                       **on)
+  flags.DEFINE_string("fake_size", "", "Fake image size 'W,H' (default: the dataset's usual).",
+                      **on)
+  flags.DEFINE_enum("transfer", "both", ["both", "float32", "uint8", "none"],
+                    "Also time loader + host->device transfer for these paths.", **on)
+  flags.mark_flag_as_required("config", flag_values=values)
+  flags.register_validator("fake_size", lambda v: not v or re.fullmatch(r"\d+,\d+", v),
+                           "give W,H in pixels, e.g. --fake_size=683,512", **on)
+
+
+def command(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> int:
+  """Times the pipeline of ``--config``'s data (or fake data in its layout)."""
+  cli.positional(argv)
+  data_config = datasets.data_config_of(values.config)
+  workers = values.workers if values.workers is not None else int(data_config.num_threads)
+  options = dict(split=values.split, workers=workers, batches=values.batches,
+                 batch_size=values.batch_size, warmup=values.warmup, prefetch=values.prefetch)
+  paths = {"none": (), "both": ("float32", "uint8")}.get(values.transfer, (values.transfer,))
 
   def run():
     benchmark(data_config, **options)
@@ -233,28 +259,25 @@ def main(argv):
       print(f"  uint8 transfer vs float32: {after['images_per_s'] / before['images_per_s']:.2f}x "
             f"images/s, {before['bytes_per_image'] / after['bytes_per_image']:.1f}x fewer bytes")
 
-  if not f.fake:
-    run()
-    return
-  size = tuple(int(v) for v in f.fake_size.split(",")) if f.fake_size else None
-  with tempfile.TemporaryDirectory() as root:
-    with data_config.unlocked():
-      data_config.root = root
-    write_fake_dataset(data_config, root, f.fake, size)
-    run()
+  try:
+    if not values.fake:
+      run()
+      return 0
+    size = tuple(int(v) for v in values.fake_size.split(",")) if values.fake_size else None
+    with tempfile.TemporaryDirectory() as root:
+      with data_config.unlocked():
+        data_config.root = root
+      write_fake_dataset(data_config, root, values.fake, size)
+      run()
+    return 0
+  except (OSError, ValueError) as e:   # wrong root/layout, bad file, batch vs devices
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+# main([...]): the command in this process, e.g. from tests and notebooks.
+main = cli.in_process(define_flags, command)
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Experiment config: path.py[:arg].",
-                                  lock_config=True)
-  flags.DEFINE_string("split", "train", "Split to read.")
-  flags.DEFINE_integer("workers", None, "grain threads (default data.num_threads).")
-  flags.DEFINE_integer("batches", 20, "Timed batches.")
-  flags.DEFINE_integer("batch_size", 8, "Examples per batch.")
-  flags.DEFINE_integer("warmup", 2, "Untimed batches first.")
-  flags.DEFINE_integer("prefetch", None, "grain prefetch buffer (default = workers).")
-  flags.DEFINE_integer("fake", 0, "Generate N fake examples per split and benchmark those.")
-  flags.DEFINE_string("fake_size", "", "Fake image size 'W,H' (default: the dataset's usual).")
-  flags.DEFINE_enum("transfer", "both", ["both", "float32", "uint8", "none"],
-                    "Also time loader + host->device transfer for these paths.")
-  app.run(main)
+  cli.run(command, define_flags)
