@@ -418,8 +418,9 @@ class EvalBatches:
   Args:
     config: experiment config (``config.data``, ``config.eval``).
     split: dataset split.
-    geometry: sizes and buckets (default: ``config.eval`` settings, size
-      divisor 1).
+    geometry: a :class:`offseg_jax.evaluation.geometry.Geometry`: sizes,
+      views and buckets (the evaluator's; the input pipeline imports nothing
+      from ``offseg_jax``).
     batch_size: largest global batch (default ``config.eval.batch_size``,
       rounded up to a multiple of the devices).
     process_index, num_processes: this process's share (default: JAX's).
@@ -428,18 +429,13 @@ class EvalBatches:
     max_images: only the first ``max_images`` examples.
   """
 
-  def __init__(self, config, split: str = "val", *, geometry=None,
+  def __init__(self, config, split: str = "val", *, geometry,
                batch_size: int | None = None, process_index: int | None = None,
                num_processes: int | None = None, num_devices: int | None = None,
                source=None, max_images: int | None = None):
-    from offseg_jax.evaluation import geometry as geometry_lib  # pylint: disable=g-import-not-at-top
     self.config = config
     self.split = split
     self.source = source if source is not None else datasets.build_source(config.data, split)
-    if geometry is None:
-      settings = geometry_lib.InferenceSettings.from_config(config.eval)
-      geometry = geometry_lib.Geometry(settings, settings.size_divisor or 1,
-                                       tuple(config.data.test_scale))
     self.geometry = geometry
     self.process_index = jax.process_index() if process_index is None else int(process_index)
     self.num_processes = jax.process_count() if num_processes is None else int(num_processes)
@@ -449,7 +445,7 @@ class EvalBatches:
     count = len(self.source) if max_images is None else min(int(max_images), len(self.source))
     threads = int(config.data.get("num_threads", 8) or 1)
     self.sizes, self.errors = example_sizes(self.source, count, threads)
-    self.plan = geometry_lib.build_plan(self.sizes, geometry, size, self.num_processes, devices)
+    self.plan = geometry.plan(self.sizes, size, self.num_processes, devices)
     self.entries = self.plan.entries(self.process_index)
     self.indices = self.plan.indices(self.process_index)
     self.num_batches = len(self.plan.slots)

@@ -86,6 +86,11 @@ def record_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> 
   manager.reload()
 
 
+def has_metrics(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether :func:`record_metrics` completed for the checkpoint of ``step``."""
+  return (epath.Path(manager.directory) / str(int(step)) / "metrics" / "metrics").exists()
+
+
 def restore(manager: ocp.CheckpointManager, step: int, state_target):
   """Restores the full train state into ``state_target``'s shapes and
   shardings (whatever mesh or process count saved it). Returns the state."""

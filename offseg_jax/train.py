@@ -15,7 +15,8 @@
      dtype; see ``make_train_step``); pairing problems of every split found
      before the first step; periodic evaluation by the batched, sharded
      evaluator (``offseg_jax.evaluation.evaluator``), each step's checkpoint
-     saved before it is evaluated; TensorBoard events + readable log lines;
+     saved before it is evaluated; scalars to TensorBoard and
+     ``WORKDIR/scalars.jsonl`` (``offseg_jax.metric_log``) + readable log lines;
      checkpoints keeping the last N and the best by mIoU;
   6. final evaluation written to ``WORKDIR/metrics.json``.
 """
@@ -39,7 +40,7 @@ from jax.experimental import multihost_utils
 
 from input_pipeline import check as data_check
 from input_pipeline import datasets, image_io, loader
-from offseg_jax import checkpointing, losses, optim, preemption, sharding, workdir_lock
+from offseg_jax import checkpointing, losses, metric_log, optim, preemption, sharding, workdir_lock
 from offseg_jax.evaluation import evaluator as evaluator_lib
 from offseg_jax.evaluation import metrics as metrics_lib
 from offseg_jax.models import layers
@@ -219,39 +220,11 @@ def check_data(config, splits=("train", "val")) -> None:
            f"e.g. {blocking[0]}")
 
 
-def evaluate(evaluator: evaluator_lib.Evaluator, state: State) -> evaluator_lib.EvalResult:
+def validate(evaluator: evaluator_lib.Evaluator, state: State) -> evaluator_lib.EvalResult:
   """Scores the validation split with the state's variables (every image
   exactly once, on every device of every process)."""
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   return evaluator.evaluate(variables, "val")
-
-
-# ----------------------------------------------------------------------------
-# Logging.
-# ----------------------------------------------------------------------------
-
-class MetricWriter:
-  """TensorBoard event files (tensorboardX, no TensorFlow) + log lines, process 0."""
-
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
-    self._tb = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
-
-  def scalars(self, step: int, values: dict[str, float], prefix: str = ""):
-    if self._tb is not None:
-      for k, v in values.items():
-        self._tb.add_scalar(prefix + k, float(v), step)
-
-  def flush(self):
-    if self._tb is not None:
-      self._tb.flush()
-
-  def close(self):
-    if self._tb is not None:
-      self._tb.close()
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -392,13 +365,28 @@ def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
   # One evaluator for the whole run: its plan of the split and its compiled
   # steps are reused at every evaluation.
   evaluator = evaluator_lib.Evaluator(model, config, mesh=mesh, log=_log)
-  writer = MetricWriter(workdir)
+  writer = metric_log.MetricLog(workdir, start_step=int(state["step"]))
+
+  def validate_and_record(step):
+    """Validates, attaches mIoU to the step's checkpoint, logs; (summary, confusion)."""
+    result = validate(evaluator, state)
+    checkpointing.record_metrics(manager, step, {"mIoU": result.summary["mIoU"]})
+    _log(f"eval step {step}: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in result.summary.items() if k != "per_class"))
+    writer.scalars(step, {k: v for k, v in result.summary.items() if k != "per_class"}, "val/")
+    writer.scalars(step, {"images_per_sec": result.images_per_s}, "val/")
+    writer.flush()
+    return result.summary, result.confusion
 
   # --- Train. ----------------------------------------------------------------
   step = int(state["step"])
   total = int(config.total_steps)
-  t_last, step_last = time.time(), step
   summary = None
+  if (latest is not None and 0 < step < total and step % config.eval_every == 0
+      and not checkpointing.has_metrics(manager, step)):
+    # The interrupted run saved this step but stopped before evaluating it.
+    summary, confusion = validate_and_record(step)
+  t_last, step_last = time.time(), step
   loss_watch = LossWatch()
   batch_axes = sharding.batch_partition(config, mesh)
   try:
@@ -416,6 +404,7 @@ def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
              f"{step_metrics['lr']:.3e} | {ips:.1f} img/s | ETA {_fmt_eta(eta)}")
         writer.scalars(step, step_metrics, "train/")
         writer.scalars(step, {"images_per_sec": ips}, "train/")
+        writer.flush()
         t_last, step_last = now, step
       preempted = preempt.reached(step)
       is_eval = step % config.eval_every == 0 or step == total
@@ -428,14 +417,7 @@ def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
         manager.wait_until_finished()
         raise preemption.Preempted(step, manager.directory)
       if is_eval:
-        result = evaluate(evaluator, state)
-        summary, confusion = result.summary, result.confusion
-        checkpointing.record_metrics(manager, step, {"mIoU": summary["mIoU"]})
-        _log(f"eval step {step}: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in summary.items() if k != "per_class"))
-        writer.scalars(step, {k: v for k, v in summary.items() if k != "per_class"}, "val/")
-        writer.scalars(step, {"images_per_sec": result.images_per_s}, "val/")
-        writer.flush()
+        summary, confusion = validate_and_record(step)
         t_last = time.time()           # evaluation time is not training throughput
   except FloatingPointError as e:
     manager.wait_until_finished()
@@ -449,7 +431,7 @@ def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
 
   # --- Final evaluation (also when resumed after the last step was saved). ----
   if summary is None:
-    result = evaluate(evaluator, state)
+    result = validate(evaluator, state)
     summary, confusion = result.summary, result.confusion
   if jax.process_index() == 0:
     _log(metrics_lib.format_table(summary))

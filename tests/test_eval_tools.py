@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from input_pipeline import datasets
+from offseg_jax import metric_log
 from offseg_jax.evaluation import report, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,27 +101,46 @@ def test_reduce_zero_label_predictions_are_shifted_back():
     runner.labels_from_dataset_convention(np.array([[0, 1]]), True, 150, "x.png")
 
 
-def test_event_files_are_read_without_tensorflow(tmp_path):
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  with SummaryWriter(str(tmp_path / "tensorboard")) as writer:
-    for step in (10, 20, 30):
-      writer.add_scalar("train/loss", 1.0 / step, step)
-    writer.add_scalar("val/mIoU", 42.5, 30)
-  scalars = report._read_with_protobuf(report._event_files(tmp_path))
-  assert [s for s, _ in scalars["train/loss"]] == [10, 20, 30]
+def test_scalars_are_written_once_and_read_back_as_json_lines(tmp_path):
+  log = metric_log.MetricLog(tmp_path)
+  for step in (10, 20, 30):
+    log.scalars(step, {"loss": 1.0 / step}, "train/")
+  log.scalars(30, {"mIoU": 42.5}, "val/")
+  log.scalars(40, {"loss": float("nan")}, "train/")
+  log.close()
+  lines = (tmp_path / "scalars.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [10, 20, 30, 40]   # one line a step
+  assert json.loads(lines[-1]) == {"step": 40, "train/loss": None}           # strict JSON
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))      # and TensorBoard
+  scalars = metric_log.read_scalars(tmp_path)
+  assert scalars["train/loss"] == [(10, pytest.approx(0.1)), (20, pytest.approx(0.05)),
+                                   (30, pytest.approx(1 / 30))]
   assert scalars["val/mIoU"] == [(30, pytest.approx(42.5))]
-  assert report.read_scalars(tmp_path)["train/loss"][0] == (10, pytest.approx(0.1))
   path = report.plot_training_curves(scalars, tmp_path / "curves.png")
   assert len(path.read_bytes()) > 0          # an epath.Path (local or gs://)
+
+
+def test_a_resumed_run_keeps_one_curve(tmp_path):
+  log = metric_log.MetricLog(tmp_path)
+  for step in (1, 2, 3, 4):                  # killed after logging step 4; last checkpoint 2
+    log.scalars(step, {"loss": float(step)}, "train/")
+  log.flush()
+  with (tmp_path / "scalars.jsonl").open("a") as f:
+    f.write('{"step": 5, "train/lo')         # a line torn by the kill
+  resumed = metric_log.MetricLog(tmp_path, start_step=2)
+  for step in (3, 4):
+    resumed.scalars(step, {"loss": 10.0 * step}, "train/")
+  resumed.close()
+  assert metric_log.read_scalars(tmp_path)["train/loss"] == [
+      (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
 @pytest.fixture(scope="module")
 def tiny_workdir(tmp_path_factory):
   """A training workdir as the trainer writes it: an orbax step with the full
-  train state (sharded over 2 devices), meta, and TensorBoard events."""
+  train state (sharded over 2 devices), meta, and its scalars."""
   from offseg_jax import checkpointing, optim  # pylint: disable=g-import-not-at-top
   from offseg_jax.models import construction  # pylint: disable=g-import-not-at-top
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   workdir = tmp_path_factory.mktemp("workdir")
   info = datasets.dataset_info(config.data)
@@ -139,9 +159,10 @@ def tiny_workdir(tmp_path_factory):
                      metrics={"mIoU": 1.0}, force=True)
   manager.wait_until_finished()
   manager.close()
-  with SummaryWriter(str(workdir / "tensorboard")) as writer:
-    for step in (1, 4, 7):
-      writer.add_scalar("train/loss", 2.0 / step, step)
+  log = metric_log.MetricLog(workdir)
+  for step in (1, 4, 7):
+    log.scalars(step, {"loss": 2.0 / step}, "train/")
+  log.close()
   cfg_file = workdir / "tiny_cfg.py"
   cfg_file.write_text(textwrap.dedent(f"""
       import sys
@@ -235,3 +256,61 @@ def test_benchmark_reports_train_and_inference_throughput():
   assert results["slide"]["windows"] == 3 * 4
   assert results["platform"] == jax.devices()[0].platform and results["dtype"] == "float32"
   assert results["model"] == "pixel_linear" and results["params_M"] > 0
+
+
+def test_benchmark_times_each_step_and_reports_the_median(monkeypatch):
+  from offseg_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
+  ticks = iter([0.0, 1.0,  10.0, 10.5,  20.0, 23.0,  30.0, 30.7])   # first call, then 3 steps
+  monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(ticks))
+  first, times = benchmark._time(lambda: 0, steps=3, warmup=0)
+  assert first == 1.0 and times == pytest.approx([0.5, 3.0, 0.7])
+  summary = benchmark._summary(first, times, 4, "step")
+  assert summary["median_s"] == pytest.approx(0.7)          # not the mean (1.4)
+  assert summary["images_per_s"] == pytest.approx(4 / 0.7)
+
+
+def test_compare_with_torch_prints_ratios_from_the_same_settings(monkeypatch, capsys):
+  from offseg_jax.tools import benchmark, torch_anchor  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_torch(**kwargs):                 # stands in for the PyTorch run (no torch here)
+    calls.append(kwargs)
+    median = 0.9 if kwargs["compiled"] else 1.8
+    return {"torch": "x", "transformers": "y", "threads": kwargs["threads"],
+            **{m: {"median_s": median} for m in kwargs["modes"]}}
+
+  monkeypatch.setattr(torch_anchor, "benchmark", fake_torch)
+  ours = {"model": "segformer_b0", "platform": "cpu", "batch": 2, "size": [512, 512],
+          "num_classes": 150, "steps": 5, "warmup": 1, "dtype": "float32",
+          "train": {"median_s": 1.2}, "whole": {"median_s": 0.3}}
+  results = benchmark.compare_with_torch(ours, threads=2)
+  assert [c["compiled"] for c in calls] == [False, True]
+  assert all(c["batch"] == 2 and c["size"] == (512, 512) and c["num_classes"] == 150
+             and c["dtype"] == "float32" and c["device"] == "cpu" and c["threads"] == 2
+             and c["modes"] == ["train", "whole"] for c in calls)
+  assert results["torch"]["eager"]["train"]["ratio"] == pytest.approx(1.5)
+  assert results["torch"]["compiled"]["whole"]["ratio"] == pytest.approx(3.0)
+  assert "| train | 1200 ms | 1800 ms | 1.50x | 900 ms | 0.75x |" in capsys.readouterr().out
+
+
+def test_the_torch_anchor_names_its_install_command_when_torch_is_missing(monkeypatch):
+  from offseg_jax.tools import torch_anchor  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "torch", None)           # as if torch were absent
+  with pytest.raises(ImportError, match=r"pip install -e \.\[compare\]"):
+    torch_anchor.benchmark(batch=1, size=(32, 32))
+
+
+def test_the_torch_anchor_is_segformer_b0_with_mmseg_parameter_groups():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from offseg_jax.tools import torch_anchor  # pylint: disable=g-import-not-at-top
+  model = torch_anchor.segformer_b0(150)
+  # MiT-B0 + the all-MLP head with 150 classes: 3.75 M parameters (mmseg's 3.7 M).
+  assert sum(p.numel() for p in model.parameters()) == pytest.approx(3.75e6, rel=0.01)
+  groups = torch_anchor.parameter_groups(model, lr=6e-5, weight_decay=0.01)
+  assert sorted((round(g["lr"] / 6e-5), g["weight_decay"]) for g in groups) == [
+      (1, 0.0), (1, 0.01), (10, 0.0), (10, 0.01)]
+  assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+  results = torch_anchor.benchmark(batch=1, size=(64, 64), num_classes=150, steps=1,
+                                   warmup=0, modes=("train", "whole"))
+  assert results["train"]["images_per_s"] > 0 and results["whole"]["images_per_s"] > 0

@@ -59,8 +59,8 @@ def _state(workdir: Path, step: int):
 
 
 def _losses(workdir: Path) -> np.ndarray:
-  from offseg_jax.evaluation import report
-  return np.array([v for _, v in report.read_scalars(workdir / "tensorboard")["train/loss"]])
+  from offseg_jax import metric_log
+  return np.array([v for _, v in metric_log.read_scalars(workdir)["train/loss"]])
 
 
 def _max_diff(a, b) -> float:

@@ -32,20 +32,48 @@ def test_training_stream_resumes_exactly_from_the_iterator_state():
     np.testing.assert_array_equal(a["label"], b["label"])
 
 
-def test_epochs_reshuffle_and_augmentation_depends_on_seed():
+def _examples(batches):
+  """Per example in stream order: (identity, flipped). The identity is the
+  example's bytes in a canonical orientation (the lexicographically smaller of
+  the image and its mirror), so a horizontal flip does not change it."""
+  out = []
+  for batch in batches:
+    for image in batch["image"]:
+      raw, mirrored = image.tobytes(), image[:, ::-1].tobytes()
+      out.append((min(raw, mirrored), raw != min(raw, mirrored)))
+  return out
+
+
+def test_each_epoch_is_a_new_order_of_the_same_examples():
+  c = _config()                                # 12 examples, 3 batches an epoch
+  c.data.flip_prob = 0.0                       # no augmentation: an example is its bytes
+  examples = _examples(_take(iter(loader.train_dataset(c)), 6))
+  first, second = [e for e, _ in examples[:12]], [e for e, _ in examples[12:]]
+  assert len(set(first)) == 12                 # every example once per epoch
+  assert sorted(first) == sorted(second)       # the same examples again ...
+  assert first != second                       # ... in another order
+
+
+def test_augmentation_is_drawn_per_seed_epoch_and_example():
   c = _config()
-  batches = _take(iter(loader.train_dataset(c)), 6)
-  first, second = np.concatenate([b["label"] for b in batches[:3]]), np.concatenate(
-      [b["label"] for b in batches[3:]])
-  # Same 12 examples in both epochs, in another order.
-  assert not np.array_equal(first, second)
-  c2 = _config()
-  c2.seed = 1
-  other = _take(iter(loader.train_dataset(c2)), 1)[0]
-  assert not np.array_equal(other["image"], batches[0]["image"])
+  c.data.flip_prob = 0.5
+  seed0 = _examples(_take(iter(loader.train_dataset(c)), 6))
+  c.seed = 1
+  seed1 = _examples(_take(iter(loader.train_dataset(c)), 3))
+  epoch1, epoch2 = dict(seed0[:12]), dict(seed0[12:])
+  assert epoch1.keys() == epoch2.keys() == dict(seed1).keys()
+  # Some examples are flipped and some not, the same example is flipped in one
+  # epoch and not in the next, and another seed flips other examples.
+  assert 0 < sum(epoch1.values()) < 12
+  assert epoch1 != epoch2
+  assert epoch1 != dict(seed1)
+
+
+def test_batches_go_over_the_wire_as_uint8():
+  batch = _take(iter(loader.train_dataset(_config())), 1)[0]
   # uint8 over the wire (normalised on device; see tests/test_precision.py).
-  assert batches[0]["image"].dtype == np.uint8 and batches[0]["image"].shape == (4, 64, 64, 3)
-  assert batches[0]["label"].dtype == np.uint8 and batches[0]["valid_hw"].shape == (4, 2)
+  assert batch["image"].dtype == np.uint8 and batch["image"].shape == (4, 64, 64, 3)
+  assert batch["label"].dtype == np.uint8 and batch["valid_hw"].shape == (4, 2)
 
 
 def _assert_batches_equal(got, want):
@@ -119,6 +147,13 @@ def test_batch_not_divisible_by_the_process_count_is_rejected():
     loader.train_dataset(c, source=[{}] * 3, process_index=0, process_count=4)
 
 
+def _eval_geometry(c):
+  """The evaluator's geometry for ``c.eval`` (size divisor 1)."""
+  from offseg_jax.evaluation import geometry  # pylint: disable=g-import-not-at-top
+  settings = geometry.InferenceSettings.from_config(c.eval)
+  return geometry.Geometry(settings, settings.size_divisor or 1, tuple(c.data.test_scale))
+
+
 def test_eval_batches_score_every_image_exactly_once_on_any_process_count(monkeypatch):
   c = _config()
   for pc in (1, 2, 3):
@@ -127,7 +162,7 @@ def test_eval_batches_score_every_image_exactly_once_on_any_process_count(monkey
       monkeypatch.setattr(loader.jax, "process_index", lambda pid=pid: pid)
       monkeypatch.setattr(loader.jax, "process_count", lambda pc=pc: pc)
       c.eval.batch_size = 2 * pc
-      ev = loader.EvalBatches(c, "val")
+      ev = loader.EvalBatches(c, "val", geometry=_eval_geometry(c))
       covered += ev.indices
       batches = list(ev)
       batch_counts.add(len(batches))             # every process runs the same steps

@@ -508,11 +508,13 @@ def test_torch_checkpoint_is_read_from_a_bucket(bucket):
 
 
 def test_evaluation_report_is_written_to_a_bucket(bucket):
+  from offseg_jax import metric_log  # pylint: disable=g-import-not-at-top
   from offseg_jax.evaluation import metrics, report  # pylint: disable=g-import-not-at-top
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  with SummaryWriter(str(bucket.root / "workdir" / "tensorboard")) as writer:
-    for step in (1, 2, 3):
-      writer.add_scalar("train/loss", 1.0 / step, step)
+  # (tensorboardX does its own IO, which the fake bucket cannot serve)
+  log = metric_log.MetricLog(f"{BUCKET}/workdir", tensorboard=False)
+  for step in (1, 2, 3):
+    log.scalars(step, {"loss": 1.0 / step}, "train/")
+  log.close()
   names = ("sky", "road", "car")
   confusion = np.array([[50, 2, 0], [3, 40, 1], [0, 0, 9]], np.int64)
   summary = metrics.summarize(confusion, names)
@@ -536,7 +538,7 @@ def test_evaluation_report_is_written_to_a_bucket(bucket):
   for png in ("confusion.png", "per_class_iou.png", "samples.png", "training_curves.png"):
     assert (local / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert f"]({png})" in text
-  assert report.read_scalars(f"{BUCKET}/workdir")["train/loss"][0] == (1, pytest.approx(1.0))
+  assert metric_log.read_scalars(f"{BUCKET}/workdir")["train/loss"][0] == (1, pytest.approx(1.0))
 
 
 def test_predict_outputs_and_scoring_in_a_bucket(bucket, monkeypatch):

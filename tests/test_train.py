@@ -67,6 +67,13 @@ def _assert_same_final_state(straight, other):
   assert step_a == step_b == 16
   for x, y in zip(jax.tree_util.tree_leaves((params_a, opt_a)), jax.tree_util.tree_leaves((params_b, opt_b))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # One curve per run: the interrupted run's lines past its checkpoint are gone.
+  from offseg_jax import metric_log
+  curves_a, curves_b = metric_log.read_scalars(straight), metric_log.read_scalars(other)
+  assert curves_a.keys() == curves_b.keys() and "train/loss" in curves_a
+  for name in curves_a:
+    if not name.endswith("images_per_sec"):          # wall-clock speed differs
+      assert curves_a[name] == curves_b[name], name
 
 
 def _run_with_signal(workdir, when: str, sig, timeout: float):
@@ -131,6 +138,7 @@ def test_run_writes_the_promised_workdir_and_evaluate_reproduces_it(tmp_path):
   assert set(metrics["per_class"]) == {"background", "h_stripes", "v_stripes", "diagonal",
                                        "checker", "dots", "speckle", "rings", "grid"}
   assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+  assert (wd / "scalars.jsonl").exists()
   steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
   assert 16 in steps and len(steps) <= 3           # latest 2 + best
   # Evaluating the saved checkpoint from the CLI reproduces the final metrics.

@@ -321,6 +321,11 @@ class Geometry:
       return self.label_bucket(label_hw)
     return self.bucket(self.view_size(label_hw, self.views[0]))
 
+  def plan(self, label_sizes: Mapping[int, Sequence[int] | None], batch_size: int,
+           num_processes: int = 1, num_devices: int | None = None) -> "Plan":
+    """:func:`build_plan` of ``label_sizes`` with these sizes and buckets."""
+    return build_plan(label_sizes, self, batch_size, num_processes, num_devices)
+
   def view_shape(self, bucket: tuple[int, int]) -> ViewShape:
     if self.settings.mode == "whole":
       return ViewShape(bucket)

@@ -2,9 +2,7 @@
 
 Figures use matplotlib's object API on the Agg canvas (no pyplot, no global
 backend switch), so this works headless and inside other programs. Training
-curves come from the TensorBoard event files of a workdir, read with
-``tensorboard`` when it is installed and otherwise with a small TFRecord reader
-and tensorboardX's ``Event`` protobuf.
+curves come from a workdir's ``scalars.jsonl`` (:mod:`offseg_jax.metric_log`).
 
 Output folders and workdirs may be local or ``gs://`` (any ``etils.epath``
 path): files are written and read through epath, figures rendered in memory.
@@ -17,15 +15,14 @@ import datetime
 import io
 import json
 import math
-import struct
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from etils import epath
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from input_pipeline import storage
+from offseg_jax import metric_log
 from offseg_jax.evaluation import metrics
 
 _SUMMARY_ORDER = ("aAcc", "mIoU", "mAcc", "mDice", "mFscore", "mPrecision", "mRecall")
@@ -138,90 +135,7 @@ def plot_samples(samples: Sequence[Mapping[str, Any]], palette: np.ndarray, path
   return _save(fig, path)
 
 
-# --- TensorBoard scalars -------------------------------------------------------
-
-def _event_files(logdir) -> list[epath.Path]:
-  """Every ``events.out.tfevents.*`` file under ``logdir`` (recursively), sorted."""
-  return sorted(directory / f for directory, _, files in storage.walk(logdir)
-                for f in files if f.startswith("events.out.tfevents."))
-
-
-def _tfrecords(path) -> Iterable[bytes]:
-  """Payloads of a TFRecord file: [u64 length][u32 crc][data][u32 crc]...
-
-  CRCs are not checked; a truncated last record (a file still being written)
-  ends the iteration.
-  """
-  with epath.Path(path).open("rb") as f:
-    while True:
-      header = f.read(12)
-      if len(header) < 12:
-        return
-      (length,) = struct.unpack("<Q", header[:8])
-      data = f.read(length)
-      if len(data) < length or len(f.read(4)) < 4:
-        return
-      yield data
-
-
-def _scalar_of(value) -> float | None:
-  kind = value.WhichOneof("value")
-  if kind == "simple_value":
-    return float(value.simple_value)
-  if kind == "tensor":
-    tensor = value.tensor
-    if tensor.float_val:
-      return float(tensor.float_val[0])
-    if tensor.double_val:
-      return float(tensor.double_val[0])
-    if len(tensor.tensor_content) == 4:
-      return float(np.frombuffer(tensor.tensor_content, np.float32)[0])
-    if len(tensor.tensor_content) == 8:
-      return float(np.frombuffer(tensor.tensor_content, np.float64)[0])
-  return None
-
-
-def _read_with_tensorboard(files: Sequence[epath.Path]) -> dict[str, list[tuple[int, float]]]:
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  out: dict[str, list[tuple[int, float]]] = {}
-  for path in files:
-    acc = event_accumulator.EventAccumulator(str(path), size_guidance={"scalars": 0})
-    acc.Reload()
-    for tag in acc.Tags().get("scalars", []):
-      out.setdefault(tag, []).extend((e.step, float(e.value)) for e in acc.Scalars(tag))
-  return out
-
-
-def _read_with_protobuf(files: Sequence[epath.Path]) -> dict[str, list[tuple[int, float]]]:
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  out: dict[str, list[tuple[int, float]]] = {}
-  for path in files:
-    for record in _tfrecords(path):
-      event = event_pb2.Event()
-      try:
-        event.ParseFromString(record)
-      except Exception:  # pylint: disable=broad-except
-        continue  # a corrupt record: skip it, keep the rest of the curve
-      if not event.HasField("summary"):
-        continue
-      for value in event.summary.value:
-        scalar = _scalar_of(value)
-        if scalar is not None:
-          out.setdefault(value.tag, []).append((int(event.step), scalar))
-  return out
-
-
-def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-  """``{tag: [(step, value), ...]}`` from every event file under ``logdir``."""
-  files = _event_files(logdir)
-  if not files:
-    return {}
-  try:
-    scalars = _read_with_tensorboard(files)
-  except ImportError:
-    scalars = _read_with_protobuf(files)
-  return {tag: sorted(points) for tag, points in sorted(scalars.items())}
-
+# --- training curves -----------------------------------------------------------
 
 def plot_training_curves(scalars: Mapping[str, Sequence[tuple[int, float]]], path,
                          max_panels: int = 12) -> epath.Path | None:
@@ -301,8 +215,8 @@ def write_report(output_dir, summary: Mapping[str, Any], confusion: np.ndarray,
 
   Figures: ``per_class_iou.png``, ``confusion.png`` (unless ``draw_confusion``
   is False because :func:`save_results` just drew it), ``samples.png`` (if
-  ``samples``) and ``training_curves.png`` (if ``workdir`` holds TensorBoard
-  event files).
+  ``samples``) and ``training_curves.png`` (if ``workdir`` holds the
+  training run's ``scalars.jsonl``).
   """
   output_dir = epath.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +229,7 @@ def write_report(output_dir, summary: Mapping[str, Any], confusion: np.ndarray,
   if samples:
     figures["samples"] = plot_samples(samples, palette, output_dir / "samples.png")
   if workdir is not None:
-    curves = plot_training_curves(read_scalars(workdir), output_dir / "training_curves.png")
+    curves = plot_training_curves(metric_log.read_scalars(workdir), output_dir / "training_curves.png")
     if curves is not None:
       figures["training curves"] = curves
 
