@@ -2,7 +2,8 @@ r"""Training and inference throughput of a config's model (images/s).
 
   python -m offseg_jax.tools.benchmark --config=experiments/configs/default.py \
       [--batch=8] [--dtype=bfloat16] [--steps=20] [--warmup=3] \
-      [--size=512,512] [--slide_size=512,1024] [--modes=train,whole,slide]
+      [--size=512,512] [--slide_size=512,1024] [--modes=train,whole,slide] \
+      [--compare=torch [--threads=N] [--torch_compile=true]]
 
 * ``train``: the trainer's own jitted step (forward, cross-entropy at label
   resolution, backward, AdamW with the config's parameter groups, BatchNorm
@@ -12,15 +13,28 @@ r"""Training and inference throughput of a config's model (images/s).
 * ``slide``: the full single-image slide pipeline (``config.eval`` crop, stride
   and window batch) on one ``--slide_size`` image, host window loop included.
 
-Compilation and ``--warmup`` iterations are excluded; timings end with
-``block_until_ready``. Everything runs on one device (per-device throughput);
-the hardware, dtype and resolutions are printed with the numbers.
+Compilation and ``--warmup`` iterations are excluded. Each of the ``--steps``
+timed iterations is timed on its own (ending with ``block_until_ready``); the
+figures are the **median** of those ``--steps`` times (all of them are in the
+JSON output, ``times_s``). Everything runs on one device (per-device
+throughput); the hardware, dtype, resolutions and, where the device reports it,
+peak memory are printed with the numbers.
+
+``--compare=torch`` also times Hugging Face transformers' PyTorch SegFormer-B0
+(:mod:`offseg_jax.tools.torch_anchor`; ``pip install -e .[compare]``) on the
+same batch, size, dtype and classes, eager and (``--torch_compile``) under
+``torch.compile``, in the same process after ours, and prints the ratios
+(PyTorch's median time / ours: above 1 means ours is faster). ``--threads``
+sets PyTorch's intra-op threads (default: every core, which is what XLA's CPU
+backend uses).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import statistics
 import time
 from typing import Any, Sequence
 
@@ -48,19 +62,32 @@ def _hw(value, default) -> tuple[int, int]:
   return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
 
 
-def _time(fn, steps: int, warmup: int) -> tuple[float, float]:
-  """(compile + first call seconds, seconds per timed iteration) of ``fn()``."""
+def _time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+  """(compile + first call seconds, seconds of each timed iteration) of ``fn()``."""
   start = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - start
   for _ in range(warmup):
     jax.block_until_ready(fn())
-  start = time.perf_counter()
-  out = None
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return first, (time.perf_counter() - start) / max(steps, 1)
+  times = []
+  for _ in range(max(steps, 1)):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return first, times
+
+
+def _summary(first: float, times: list[float], images: int, unit: str) -> dict[str, Any]:
+  """The median of ``times`` as images/s and ms per ``unit``, plus every time."""
+  median = statistics.median(times)
+  return {"images_per_s": images / median, f"ms_per_{unit}": median * 1e3,
+          "median_s": median, "times_s": times, "compile_s": first}
+
+
+def _peak_memory(device) -> int | None:
+  """Peak bytes in use on ``device`` so far, where the backend reports it (GPU, TPU)."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
 def benchmark(config, *, batch: int = 8, dtype: str = "float32", steps: int = 20,
@@ -116,11 +143,15 @@ def benchmark(config, *, batch: int = 8, dtype: str = "float32", steps: int = 20
       holder["state"], out = step_fn(holder["state"], {"image": images, "label": labels})
       return out["loss"]
 
-    first, per_step = _time(one_train_step, steps, warmup)
-    results["train"] = {"images_per_s": batch / per_step, "ms_per_step": per_step * 1e3,
-                        "compile_s": first}
+    first, times = _time(one_train_step, steps, warmup)
+    results["train"] = _summary(first, times, batch, "step")
+    peak = _peak_memory(device)
+    if peak is not None:
+      results["train"]["peak_memory_bytes"] = peak
+    per_step = results["train"]["median_s"]
     say(f"train: {batch / per_step:.1f} img/s ({per_step * 1e3:.1f} ms/step of {batch} "
-        f"{height}x{width}; compile+first {first:.1f} s)")
+        f"{height}x{width}, median of {len(times)}; compile+first {first:.1f} s"
+        + (f"; peak memory {peak / 2**30:.2f} GiB" if peak is not None else "") + ")")
 
   if "whole" in modes:
     @jax.jit
@@ -129,11 +160,11 @@ def benchmark(config, *, batch: int = 8, dtype: str = "float32", steps: int = 20
       logits = layers.resize_bilinear(logits.astype(jnp.float32), images.shape[1:3])
       return jnp.argmax(logits, axis=-1)
 
-    first, per_step = _time(lambda: forward(variables, images), steps, warmup)
-    results["whole"] = {"images_per_s": batch / per_step, "ms_per_batch": per_step * 1e3,
-                        "compile_s": first}
+    first, times = _time(lambda: forward(variables, images), steps, warmup)
+    results["whole"] = _summary(first, times, batch, "batch")
+    per_step = results["whole"]["median_s"]
     say(f"whole inference: {batch / per_step:.1f} img/s ({per_step * 1e3:.1f} ms/batch of "
-        f"{batch} {height}x{width}; compile+first {first:.1f} s)")
+        f"{batch} {height}x{width}, median of {len(times)}; compile+first {first:.1f} s)")
 
   if "slide" in modes:
     crop = tuple(config.eval.get("crop_size", None) or (height, width))
@@ -146,14 +177,50 @@ def benchmark(config, *, batch: int = 8, dtype: str = "float32", steps: int = 20
                                     std=config.data.std, device=device)
     image = data_rng.integers(0, 256, (*slide_hw, 3)).astype(np.uint8)
     windows = len(inference.slide_windows(*slide_hw, crop, stride))
-    first, per_image = _time(lambda: segmenter.labels(image), steps, warmup)
-    results["slide"] = {"images_per_s": 1.0 / per_image, "ms_per_image": per_image * 1e3,
-                        "image_size": list(slide_hw), "crop_size": list(crop),
-                        "stride": list(stride), "windows": windows,
-                        "window_batch": settings.batch_size, "compile_s": first}
+    first, times = _time(lambda: segmenter.labels(image), steps, warmup)
+    results["slide"] = dict(_summary(first, times, 1, "image"), image_size=list(slide_hw),
+                            crop_size=list(crop), stride=list(stride), windows=windows,
+                            window_batch=settings.batch_size)
+    per_image = results["slide"]["median_s"]
     say(f"slide inference: {1.0 / per_image:.2f} img/s ({per_image * 1e3:.1f} ms/image of "
         f"{slide_hw[0]}x{slide_hw[1]}, {windows} windows of {crop[0]}x{crop[1]} stride "
-        f"{stride[0]}x{stride[1]}, {settings.batch_size} per call; compile+first {first:.1f} s)")
+        f"{stride[0]}x{stride[1]}, {settings.batch_size} per call, median of {len(times)}; "
+        f"compile+first {first:.1f} s)")
+  return results
+
+
+def compare_with_torch(results: dict[str, Any], *, compile_too: bool = True,
+                       threads: int | None = None, verbose: bool = True) -> dict[str, Any]:
+  """Times PyTorch SegFormer-B0 at ``results``' settings; adds ``results['torch']``.
+
+  For each of ``train`` and ``whole`` in ``results``: PyTorch eager (and
+  compiled) median time, and the ratio PyTorch / ours (> 1: ours is faster).
+  """
+  from offseg_jax.tools import torch_anchor  # pylint: disable=g-import-not-at-top
+  say = print if verbose else (lambda *a, **k: None)
+  modes = [m for m in ("train", "whole") if m in results]
+  device = "cuda" if results["platform"] == "gpu" else "cpu"
+  compared: dict[str, Any] = {}
+  for name, compiled in (("eager", False), ("compiled", True))[: 2 if compile_too else 1]:
+    torch_results = torch_anchor.benchmark(
+        batch=results["batch"], size=tuple(results["size"]), num_classes=results["num_classes"],
+        steps=results["steps"], warmup=results["warmup"], compiled=compiled,
+        dtype=results["dtype"], device=device, threads=threads, modes=modes)
+    for mode in modes:
+      torch_results[mode]["ratio"] = torch_results[mode]["median_s"] / results[mode]["median_s"]
+    compared[name] = torch_results
+  results["torch"] = compared
+  if results["model"] != "segformer_b0":
+    say(f"note: the PyTorch anchor is SegFormer-B0; this config's model is {results['model']}")
+  say(f"PyTorch {compared['eager']['torch']}, transformers {compared['eager']['transformers']},"
+      f" {compared['eager']['threads']} threads; ratio = PyTorch time / ours (> 1: ours faster)")
+  say("| mode | ours | PyTorch eager | ratio |" + (" torch.compile | ratio |" if compile_too else ""))
+  for mode in modes:
+    row = f"| {mode} | {results[mode]['median_s'] * 1e3:.0f} ms |"
+    for name in compared:
+      r = compared[name][mode]
+      row += f" {r['median_s'] * 1e3:.0f} ms | {r['ratio']:.2f}x |"
+    say(row)
   return results
 
 
@@ -172,6 +239,11 @@ def define_flags():
                     "(default: one crop high, two crops wide).")
   flags.DEFINE_list("modes", ["train", "whole", "slide"], "What to time.")
   flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
+  flags.DEFINE_enum("compare", None, ["torch"], "Also time PyTorch SegFormer-B0 "
+                    "(Hugging Face transformers) at the same settings and print the ratios.")
+  flags.DEFINE_integer("threads", None, "PyTorch intra-op threads for --compare "
+                       "(default: every core).")
+  flags.DEFINE_bool("torch_compile", True, "With --compare: also time torch.compile.")
 
 
 def main(argv):
@@ -181,6 +253,9 @@ def main(argv):
   results = benchmark(FLAGS.config, batch=FLAGS.batch, dtype=FLAGS.dtype, steps=FLAGS.steps,
                       warmup=FLAGS.warmup, size=FLAGS.size, slide_size=FLAGS.slide_size,
                       modes=FLAGS.modes)
+  if FLAGS.compare == "torch":
+    results = compare_with_torch(results, compile_too=FLAGS.torch_compile,
+                                 threads=FLAGS.threads or os.cpu_count())
   print(json.dumps(results))
   if FLAGS.output:
     epath.Path(FLAGS.output).write_text(json.dumps(results, indent=2))
