@@ -23,6 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from input_pipeline import command_line
 from input_pipeline import datasets
 from input_pipeline import image_io
 
@@ -202,4 +203,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("max_examples", -1, "Check only the first N examples (-1 = all).")
   flags.DEFINE_integer("max_listed", 10, "Problems listed per kind.")
   flags.DEFINE_bool("histogram", True, "Print the class histogram.")
-  app.run(main)
+  command_line.run(main)

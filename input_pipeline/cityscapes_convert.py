@@ -18,6 +18,7 @@ from absl import flags
 from etils import epath
 import numpy as np
 
+from input_pipeline import command_line
 from input_pipeline import classes
 from input_pipeline import image_io
 from input_pipeline import storage
@@ -79,4 +80,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_integer("nproc", 1, "Worker processes.")
-  app.run(main)
+  command_line.run(main)

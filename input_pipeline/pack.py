@@ -33,6 +33,7 @@ from etils import epath
 from ml_collections import config_flags
 import numpy as np
 
+from input_pipeline import command_line
 from input_pipeline import datasets
 from input_pipeline import image_io
 
@@ -211,4 +212,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("name", None, "tfds dataset name (default offseg_<data.name>).")
   flags.DEFINE_integer("threads", 4, "Threads decoding and validating examples.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing packed dataset.")
-  app.run(main)
+  command_line.run(main)

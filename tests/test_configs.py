@@ -266,3 +266,31 @@ def test_command_line_config_errors_are_one_line(override, expected, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
   assert expected in lines[0]
   assert not list(tmp_path.iterdir())      # nothing was started
+
+
+# Every command that takes --config, with the other flags it requires.
+CONFIG_COMMANDS = [
+    ("offseg_jax.evaluate", ["--checkpoint=/nonexistent"]),
+    ("offseg_jax.predict", ["--checkpoint=/nonexistent", "--input=/x", "--output=/x"]),
+    ("offseg_jax.tools.benchmark", []),
+    ("offseg_jax.tools.profile", []),
+    ("offseg_jax.tools.aot", []),
+    ("offseg_jax.tools.ablation", []),
+    ("offseg_jax.tools.benchmark_input", []),
+    ("input_pipeline.pack", ["--output=/x"]),
+    ("input_pipeline.check", []),
+]
+
+
+def test_every_command_names_an_unknown_config_key_in_one_line():
+  import subprocess
+  import sys
+  repo = Path(__file__).resolve().parents[1]
+  for module, extra in CONFIG_COMMANDS:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--config=experiments/configs/default.py",
+         "--config.data.nme=1", *extra], capture_output=True, text=True, cwd=repo, timeout=120)
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert proc.returncode == 2 and lines == [
+        "error: --config.data.nme=1: unknown config key 'nme' (did you mean 'name'?)"], (
+            module, proc.stderr[-2000:])

@@ -24,6 +24,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from offseg_jax import cli
+
 KINDS = (("conv", "per-pixel classifier (1x1 conv)"),
          ("class_offset", "class offset only"),
          ("feature_offset", "feature offset only"),
@@ -89,4 +91,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("steps", 300, "Training steps per run (equal budget).")
   flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main)

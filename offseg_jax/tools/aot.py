@@ -60,7 +60,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from input_pipeline import datasets, loader
-from offseg_jax import losses, optim, sharding, train
+from offseg_jax import cli, losses, optim, sharding, train
 from offseg_jax.models import construction, layers
 
 FLAGS = flags.FLAGS
@@ -319,4 +319,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

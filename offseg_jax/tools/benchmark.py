@@ -46,7 +46,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from input_pipeline import datasets
-from offseg_jax import losses, optim, train
+from offseg_jax import cli, losses, optim, train
 from offseg_jax.evaluation import inference
 from offseg_jax.models import build_model, construction, layers
 
@@ -264,4 +264,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

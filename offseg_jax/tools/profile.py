@@ -76,7 +76,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from input_pipeline import datasets, loader, storage
-from offseg_jax import losses, optim, train
+from offseg_jax import cli, losses, optim, train
 from offseg_jax.models import construction, layers
 
 FLAGS = flags.FLAGS
@@ -669,4 +669,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
