@@ -176,7 +176,7 @@ class ConfigMismatchError(ValueError):
 
 
 # Model fields that change how a model computes, not which model it is.
-_COMPUTE_ONLY_FIELDS = ("dtype", "remat")
+_COMPUTE_ONLY_FIELDS = ("dtype", "remat", "conv_impl")
 
 
 def config_mismatches(meta: dict, config) -> list[str]:

@@ -1,12 +1,16 @@
 """Torch-semantics primitives: resizes, conv padding, norms, converter naming."""
 
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from offseg_jax import models
 from offseg_jax.conversion import core
-from offseg_jax.models import layers
+from offseg_jax.models import layers, segmentor, tiny
 
 
 def _torch_bilinear_1d(n_in, n_out):
@@ -113,15 +117,88 @@ def test_depthwise_shift_add_equals_grouped_convolution(kernel, stride, padding,
   x = jnp.asarray(rng.normal(size=(2, 9, 11, 6)).astype(np.float32))
   conv = layers.Conv2d(6, kernel, stride, padding, dilation, groups=6)
   v = conv.init(jax.random.PRNGKey(0), x)
-  import os
   outs = {}
   for impl in ("conv", "shift"):
-    os.environ["OFFSEG_DEPTHWISE"] = impl
-    try:
+    with layers.depthwise_impl(impl):
       outs[impl] = np.asarray(conv.apply(v, x))
       g = jax.grad(lambda v: (conv.apply(v, x) ** 2).sum())(v)
       outs[impl + "_grad"] = np.asarray(g["params"]["kernel"])
-    finally:
-      del os.environ["OFFSEG_DEPTHWISE"]
   np.testing.assert_allclose(outs["shift"], outs["conv"], atol=1e-5)
   np.testing.assert_allclose(outs["shift_grad"], outs["conv_grad"], rtol=1e-4, atol=1e-4)
+
+
+class _DepthwiseBackbone(nn.Module):
+  """A stride-4 stem and one depthwise 3x3 conv: the smallest model with one."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = layers.Conv2d(8, 4, 4, name="stem")(x)
+    return (layers.Conv2d(8, 3, padding=1, groups=8, name="dw")(x),)
+
+
+def _grouped_conv_counts(model, impl_scope=None):
+  """feature_group_count of every conv_general_dilated in the model's forward program."""
+  x = jnp.zeros((1, 16, 16, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  with impl_scope or layers.depthwise_impl("auto"):
+    text = str(jax.make_jaxpr(lambda v: model.apply(v, x))(variables))
+  return [int(n) for n in re.findall(r"feature_group_count=(\d+)", text)]
+
+
+def _model(conv_impl="auto"):
+  return segmentor.EncoderDecoder(backbone=_DepthwiseBackbone(),
+                                  decode_head=tiny.TinyFPNHead(3, channels=8),
+                                  conv_impl=conv_impl)
+
+
+def test_conv_impl_field_chooses_the_traced_program(monkeypatch):
+  # The environment plays no part any more (it used to: OFFSEG_DEPTHWISE).
+  monkeypatch.setenv("OFFSEG_DEPTHWISE", "conv")
+  as_conv = _grouped_conv_counts(_model("conv"))
+  as_shift = _grouped_conv_counts(_model("shift"))
+  assert any(n > 1 for n in as_conv)             # the depthwise conv stays grouped
+  assert not any(n > 1 for n in as_shift)        # shifted multiply-adds instead
+  if jax.default_backend() == "cpu":             # 'auto' = CPU forms on CPU, env ignored
+    assert _grouped_conv_counts(_model("auto")) == as_shift
+  # 'auto' defers to an enclosing choice; an explicit field wins over it.
+  assert _grouped_conv_counts(_model("auto"), layers.depthwise_impl("conv")) == as_conv
+  assert _grouped_conv_counts(_model("shift"), layers.depthwise_impl("conv")) == as_shift
+
+
+def test_conv_impl_reaches_the_model_from_the_config():
+  assert models.build_model({"name": "tiny", "conv_impl": "conv"}, 3).conv_impl == "conv"
+  # Configs written before the field existed (checkpoint metadata) still build.
+  assert models.build_model({"name": "tiny"}, 3).conv_impl == "auto"
+  with pytest.raises(ValueError, match="conv_impl"):
+    models.build_model({"name": "tiny", "conv_impl": "depthwise"}, 3)
+  with pytest.raises(ValueError, match="conv_impl"):
+    with layers.depthwise_impl("grouped"):
+      pass
+
+
+def test_depthwise_impl_is_scoped_and_reads_no_environment(monkeypatch):
+  monkeypatch.setenv("OFFSEG_DEPTHWISE", "shift")
+  with layers.depthwise_impl("conv"):
+    assert not layers.cpu_forms()
+    with layers.depthwise_impl("shift"):
+      assert layers.cpu_forms()
+    assert not layers.cpu_forms()
+  assert layers.cpu_forms() == (jax.default_backend() == "cpu")
+
+
+def test_drop_path_rates_split_one_linear_schedule_by_stage():
+  rates = layers.drop_path_rates((2, 3, 1), 0.5)
+  assert [len(r) for r in rates] == [2, 3, 1]
+  # Bit-equal to indexing one np.linspace over all blocks, as the backbones did.
+  assert sum(rates, []) == [float(r) for r in np.linspace(0.0, 0.5, 6)]
+  assert layers.drop_path_rates((0,), 0.1) == [[]]
+
+
+def test_linear_is_flax_dense_with_float32_compute_and_torch_layout():
+  x = jnp.ones((2, 3, 5), jnp.bfloat16)
+  linear = layers.Linear(4)
+  variables = linear.init(jax.random.PRNGKey(0), x)
+  assert isinstance(linear, nn.Dense)
+  assert jax.tree_util.tree_map(jnp.shape, variables["params"]) == {"kernel": (5, 4), "bias": (4,)}
+  assert linear.apply(variables, x).dtype == jnp.float32     # float32 compute by default
+  assert layers.Linear(4, dtype=jnp.bfloat16).apply(variables, x).dtype == jnp.bfloat16

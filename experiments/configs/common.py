@@ -114,6 +114,9 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   m.name = name
   m.dtype = "float32"
   m.remat = False
+  # How convolutions are traced: 'auto' = the CPU-tuned forms on CPU only,
+  # 'conv' = XLA convolutions everywhere, 'shift' = the CPU forms everywhere.
+  m.conv_impl = "auto"
   if name == "pixel_linear":
     return m
   spec = compose.COMPOSITIONS.get(name, {})

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from offseg_jax.models import compose, segmentor
+from offseg_jax.models import compose, layers, segmentor
 from offseg_jax.registry import BACKBONES, BLOCKS, HEADS, MODELS, NECKS
 
 # Modules that register components. Each is imported if present so that
@@ -50,7 +50,10 @@ def build_model(model_config: Mapping[str, Any], num_classes: int):
   ``refiner``, ``neck``, ``head``, ``projection`` and their ``*_args``; see
   :mod:`offseg_jax.models.compose`), or ``name`` is '', the model is composed
   from the parts. ``dtype`` is the compute dtype; ``remat=True`` rematerialises
-  the backbone (:func:`offseg_jax.models.segmentor.with_remat`).
+  the backbone (:func:`offseg_jax.models.segmentor.with_remat`); ``conv_impl``
+  ('auto' | 'conv' | 'shift') is how convolutions are traced
+  (``EncoderDecoder.conv_impl``). Configs without these fields (older
+  checkpoints) get the defaults: float32, no remat, 'auto'.
   """
   cfg = {k: v for k, v in dict(model_config).items()
          if not (k in compose.SLOTS or k.endswith("_args"))}
@@ -59,12 +62,15 @@ def build_model(model_config: Mapping[str, Any], num_classes: int):
   if "dtype" in cfg:
     cfg["dtype"] = jnp.dtype(cfg["dtype"])
   remat = bool(cfg.pop("remat", False))     # applied to the built EncoderDecoder
+  conv_impl = layers.check_conv_impl(cfg.pop("conv_impl", "auto"))   # likewise
   uses_parts = any(dict(model_config).get(k) for k in dict(model_config)
                    if k in compose.SLOTS or k.endswith("_args"))
   if spec is not None and (uses_parts or not name):
     model = compose.build_composed(num_classes, spec, **cfg)
   else:
     model = MODELS.build(name, num_classes=num_classes, **cfg)
+  if conv_impl != "auto":
+    model = segmentor.with_conv_impl(model, conv_impl)
   return segmentor.with_remat(model) if remat else model
 
 

@@ -13,6 +13,7 @@ Kinds:
 
 from __future__ import annotations
 
+from einops import rearrange
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,10 +42,10 @@ class OffsetLearning(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, h, w, c = x.shape
+    b, h, _, c = x.shape
     k = self.num_classes
     cls_repr = self.param("cls_repr", _trunc02, (1, k, c), jnp.float32)
-    e = x.reshape(b, h * w, c).astype(jnp.float32)
+    e = rearrange(x, "b h w c -> b (h w) c").astype(jnp.float32)    # pixels as tokens
     wmat = jnp.broadcast_to(cls_repr, (b, k, c))
     hp = jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
     attn = jnp.einsum("bkc,bnc->bkn", wmat.astype(self.dtype), e.astype(self.dtype),
@@ -72,7 +73,7 @@ class OffsetLearning(nn.Module):
     logits = jnp.einsum("bnc,bkc->bnk", e_adj.astype(self.dtype), w_adj.astype(self.dtype),
                         precision=hp).astype(jnp.float32)
     logits = layers.LayerNorm(1e-5, name="mask_norm")(logits)
-    return logits.reshape(b, h, w, k)
+    return rearrange(logits, "b (h w) k -> b h w k", h=h)
 
 
 def classify(x, *, kind: str, num_classes: int, dropout_ratio: float = 0.1,

@@ -168,19 +168,23 @@ class TokenUpdater(nn.Module):
     return nn.relu(layers.LayerNorm(1e-5, dtype=self.dtype, name="fc_norm")(feats))
 
 
-class ClassCrossAttention(nn.Module):
-  """``MultiHeadAttention``: pixels (queries) attend to class embeddings.
-
-  Returns ``(out, mask)``: the projected attention output (B, H, W, D) and the
-  level mask (B, H, W, K), the pre-softmax logits q.k/sqrt(d) averaged over heads.
-  Channel c belongs to head c // d (torch reshape order).
-  """
+class CrossAttentionOptions(nn.Module):
+  """The fields of :class:`ClassCrossAttention` (``FeatureTransferLayer`` passes them on)."""
   num_heads: int
   qkv_bias: bool = True
   query_relu: bool = True
   attn_drop_rate: float = 0.0
   drop_rate: float = 0.0
   dtype: Dtype = jnp.float32
+
+
+class ClassCrossAttention(CrossAttentionOptions):
+  """``MultiHeadAttention``: pixels (queries) attend to class embeddings.
+
+  Returns ``(out, mask)``: the projected attention output (B, H, W, D) and the
+  level mask (B, H, W, K), the pre-softmax logits q.k/sqrt(d) averaged over heads.
+  Channel c belongs to head c // d (torch reshape order).
+  """
 
   @nn.compact
   def __call__(self, query, key_value, train: bool = False):
@@ -212,30 +216,23 @@ class ClassCrossAttention(nn.Module):
     return out, mask
 
 
-class FeatureTransferLayer(nn.Module):
+class FeatureTransferLayer(CrossAttentionOptions):
   """``FeaTransLayer``: cross-attention to the class embeddings + a Mix-FFN.
 
   R = attn(LN(low), LN(E)) + low; R' = R + FFN(LN(R)) with FFN = 1x1 conv (D->rD),
   depthwise 3x3 conv, GELU, dropout, 1x1 conv (rD->D), dropout (``mlp.0/1/4``).
+  ``drop_rate`` also drops inside the FFN.
   """
-  num_heads: int
   mlp_ratio: int = 4
-  qkv_bias: bool = True
-  query_relu: bool = True
   gelu_approximate: bool = True
-  attn_drop_rate: float = 0.0
-  drop_rate: float = 0.0
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, low, embeddings, train: bool = False):
     d_model = low.shape[-1]
     query = layers.LayerNorm(1e-5, dtype=self.dtype, name="norm_low")(low)
     key_value = layers.LayerNorm(1e-5, dtype=self.dtype, name="norm_high")(embeddings)
-    attn_out, mask = ClassCrossAttention(
-        self.num_heads, qkv_bias=self.qkv_bias, query_relu=self.query_relu,
-        attn_drop_rate=self.attn_drop_rate, drop_rate=self.drop_rate, dtype=self.dtype,
-        name="cross_attn")(query, key_value, train)
+    attn_out, mask = ClassCrossAttention(**layers.field_values(self, CrossAttentionOptions),
+                                         name="cross_attn")(query, key_value, train)
     out = attn_out + low
     hidden = self.mlp_ratio * d_model
     y = layers.LayerNorm(1e-5, dtype=self.dtype, name="norm_mlp")(out)

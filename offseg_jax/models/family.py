@@ -5,11 +5,14 @@
 * :func:`register_backbones`: a backbone class under a family name and under
   each of its preset sizes (``mit``, ``mit_b0`` ... ``mit_b5``), any field
   overridable and unknown fields refused by name;
+* :func:`register_head`: a decode head class as a ``HEADS`` builder
+  ``(num_classes, **fields)``;
 * :func:`build_encoder_decoder` and :func:`register_models`: the
   ``<family>_<size>[_ol]`` models of an mmseg backbone + decode head family
   (SegFormer, SegNeXt), with overrides routed to the module that has them;
-* :func:`backbone_fields_from_official` and ``check_*``: the generic parts of
-  an official mmseg config, refused the same way by every family.
+* :func:`backbone_from_official`, :func:`backbone_fields_from_official`,
+  :func:`offset_learning_variant` and ``check_*``: the generic parts of an
+  official mmseg config, refused the same way by every family.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 from offseg_jax.models.segmentor import EncoderDecoder
-from offseg_jax.registry import BACKBONES, MODELS
+from offseg_jax.registry import BACKBONES, HEADS, MODELS
 
 
 def as_field(value):
@@ -36,7 +39,8 @@ def module_fields(cls) -> set[str]:
 
 
 def register_backbones(cls, presets: Mapping[str, Mapping[str, Any]], *,
-                       doc: Callable[[str], str], family: str | None = None) -> None:
+                       doc: Callable[[str], str], family: str | None = None,
+                       from_official=None, torch_ignore: Sequence[str] = ()) -> None:
   """Registers ``cls`` in ``BACKBONES`` under each preset name (and ``family``).
 
   Args:
@@ -44,6 +48,8 @@ def register_backbones(cls, presets: Mapping[str, Mapping[str, Any]], *,
     presets: registry name -> the fields of that size.
     doc: registry name -> the builder's one-line description.
     family: also register ``cls`` with its own defaults under this name.
+    from_official, torch_ignore: as ``BACKBONES.register`` takes them, for
+      every name.
 
   Every builder takes any field of ``cls`` as a keyword override; an unknown
   name raises a ``TypeError`` that lists the valid ones.
@@ -60,11 +66,26 @@ def register_backbones(cls, presets: Mapping[str, Mapping[str, Any]], *,
     build.__doc__ = description
     return build
 
+  register = lambda name: BACKBONES.register(name, from_official=from_official,
+                                             torch_ignore=torch_ignore)
   if family is not None:
-    BACKBONES.register(family)(builder({}, f"{cls.__name__} with its constructor defaults, "
-                                           "any field overridable."))
+    register(family)(builder({}, f"{cls.__name__} with its constructor defaults, "
+                                 "any field overridable."))
   for name, preset in presets.items():
-    BACKBONES.register(name)(builder(as_field(dict(preset)), doc(name)))
+    register(name)(builder(as_field(dict(preset)), doc(name)))
+
+
+def register_head(name: str, cls, *, doc: str, from_official=None,
+                  torch_ignore: Sequence[str] = ()) -> None:
+  """Registers head class ``cls`` in ``HEADS`` as ``name``: ``(num_classes, **fields)``.
+
+  ``fields`` override the class defaults (config lists become tuples); ``doc``
+  is the builder's description.
+  """
+  def build(num_classes: int, **fields):
+    return cls(num_classes=num_classes, **as_field(fields))
+  build.__doc__ = doc
+  HEADS.register(name, from_official=from_official, torch_ignore=torch_ignore)(build)
 
 
 def build_encoder_decoder(backbone_cls, backbone_fields: Mapping[str, Any], head_cls,
@@ -123,6 +144,22 @@ def register_models(family: str, sizes: Mapping[str, Mapping[str, Any]], *, back
                       torch_ignore=torch_ignore)(build)
 
 
+def backbone_from_official(cls, fields_from_official: Callable[[Mapping[str, Any]], dict]):
+  """The ``from_official`` of backbone ``cls``, whose config mapping is ``fields_from_official``.
+
+  The returned ``from_official(official_config, num_classes=None, **overrides)``
+  builds ``cls`` from the fields the official config maps to, ``overrides``
+  (e.g. ``dtype``) winning; ``num_classes`` is unused (a backbone has no
+  classifier).
+  """
+  def from_official(official_config: Mapping[str, Any], num_classes=None, **overrides):
+    del num_classes
+    return cls(**{**fields_from_official(official_config), **overrides})
+  from_official.__doc__ = (f"Builds :class:`{cls.__name__}` from an official backbone config "
+                           f"(:func:`{fields_from_official.__name__}`); overrides win.")
+  return from_official
+
+
 def backbone_fields_from_official(cfg: Mapping[str, Any], kind: str, fields: Sequence[str], *,
                                   norm_default: Mapping[str, Any],
                                   norm_ok: Callable[[Mapping[str, Any]], bool],
@@ -153,6 +190,18 @@ def check_segmentor_config(cfg: Mapping[str, Any]) -> None:
   for part in ("neck", "auxiliary_head"):
     if cfg.get(part):
       raise ValueError(f"The official config has a {part!r}, which this model lacks")
+
+
+def offset_learning_variant(head: Mapping[str, Any], kind: str, norm_types: Sequence[str]) -> bool:
+  """Whether an official ``kind`` head config is OffSeg's ``<kind>OffsetLearning``.
+
+  Refuses any other head type, then checks the generic options
+  (:func:`check_head_config`, with the norms ``norm_types`` allowed).
+  """
+  if head.get("type") not in (kind, kind + "OffsetLearning"):
+    raise ValueError(f"Not a {kind} config: {head.get('type')!r}")
+  check_head_config(head, norm_types)
+  return head["type"] == kind + "OffsetLearning"
 
 
 def check_head_config(head: Mapping[str, Any], norm_types: Sequence[str]) -> str:

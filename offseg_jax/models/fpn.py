@@ -30,7 +30,6 @@ Initialisation follows mmseg: Xavier-uniform FPN convs with zero bias, Kaiming
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 
 from offseg_jax.models import layers
 from offseg_jax.models.classifiers import classify
+from offseg_jax.models.family import as_field, module_fields, register_head
 from offseg_jax.registry import HEADS, NECKS
 
 _EXTRA_SOURCES = ("on_input", "on_lateral", "on_output")
@@ -208,13 +208,6 @@ class SemanticFPN(nn.Module):
 # Official configs -> our modules
 # ----------------------------------------------------------------------------
 
-def _tuples(fields: Mapping[str, Any]) -> dict:
-  """Config lists -> tuples (nested too), so module fields stay hashable."""
-  def convert(value):
-    return tuple(convert(v) for v in value) if isinstance(value, (list, tuple)) else value
-  return {k: convert(v) for k, v in fields.items()}
-
-
 def _check_keys(what: str, cfg: Mapping[str, Any], known: Sequence[str]) -> None:
   unknown = sorted(set(cfg) - set(known))
   if unknown:
@@ -338,20 +331,15 @@ def semantic_fpn_from_official(cfg: Mapping[str, Any], num_classes) -> SemanticF
 # Registration
 # ----------------------------------------------------------------------------
 
-def _fields(cls) -> set[str]:
-  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-
-
 @NECKS.register("fpn", from_official=fpn_from_official)
 def build_fpn(**fields) -> FPN:
   """mmseg FPN with ``fields`` overriding its defaults (out_channels 256, nearest)."""
-  return FPN(**_tuples(fields))
+  return FPN(**as_field(fields))
 
 
-@HEADS.register("fpn_head", from_official=fpn_head_from_official)
-def build_fpn_head(num_classes: int, **fields) -> FPNHead:
-  """mmseg FPNHead (Semantic FPN) with ``fields`` overriding its defaults (channels 128)."""
-  return FPNHead(num_classes=num_classes, **_tuples(fields))
+register_head("fpn_head", FPNHead, from_official=fpn_head_from_official,
+              doc="mmseg FPNHead (Semantic FPN) with ``fields`` overriding its defaults "
+                  "(channels 128).")
 
 
 @HEADS.register("fpn_fpnhead", from_official=semantic_fpn_from_official)
@@ -365,10 +353,10 @@ def build_semantic_fpn(num_classes: int, *, neck: Mapping[str, Any] | None = Non
   ``classifier`` -> head); names both parts have (``norm``, ``act``...) must be
   given through ``neck`` or ``decode_head``. ``dtype`` goes to both.
   """
-  neck_kw = _tuples(dict(neck or {}))
-  head_kw = _tuples(dict(decode_head or {}))
-  neck_names, head_names = _fields(FPN), _fields(FPNHead) - {"num_classes"}
-  for key, value in _tuples(fields).items():
+  neck_kw = as_field(dict(neck or {}))
+  head_kw = as_field(dict(decode_head or {}))
+  neck_names, head_names = module_fields(FPN), module_fields(FPNHead) - {"num_classes"}
+  for key, value in as_field(fields).items():
     if key in neck_names and key in head_names:
       raise TypeError(f"fpn_fpnhead field {key!r} belongs to both parts; pass it in "
                       "neck={...} or decode_head={...}")

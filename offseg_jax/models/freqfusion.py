@@ -179,11 +179,12 @@ def grid_sample(x, grid):
   # At the last row/column the second neighbour has weight 0; clamp its index.
   x1 = jnp.minimum(x0 + 1, w - 1)
   y1 = jnp.minimum(y0 + 1, h - 1)
-  flat = x.reshape(n, h * w, c)
+  flat = rearrange(x, "n h w c -> n (h w) c")
 
   def corner(yi, xi):
-    idx = (yi * w + xi).reshape(n, ho * wo, 1)
-    return jnp.take_along_axis(flat, idx, axis=1).reshape(n, ho, wo, c).astype(jnp.float32)
+    idx = rearrange(yi * w + xi, "n ho wo -> n (ho wo) 1")      # row-major pixel index
+    picked = jnp.take_along_axis(flat, idx, axis=1)
+    return rearrange(picked, "n (ho wo) c -> n ho wo c", ho=ho).astype(jnp.float32)
 
   top = corner(y0, x0) * (1 - wx1) + corner(y0, x1) * wx1
   bottom = corner(y1, x0) * (1 - wx1) + corner(y1, x1) * wx1
@@ -227,7 +228,7 @@ def sampler_init_pos(groups: int, scale: int = 2) -> np.ndarray:
   centre = (np.arange(scale) - (scale - 1) / 2) / scale
   x_comp = np.broadcast_to(centre[None, None, :], (groups, scale, scale))
   y_comp = np.broadcast_to(centre[None, :, None], (groups, scale, scale))
-  return np.stack([x_comp, y_comp]).reshape(-1).astype(np.float32)
+  return rearrange(np.stack([x_comp, y_comp]), "xy g i j -> (xy g i j)").astype(np.float32)
 
 
 _xavier = nn.initializers.xavier_uniform()

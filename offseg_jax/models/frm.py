@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from offseg_jax.models import layers
+from offseg_jax.models.family import as_field
 from offseg_jax.registry import BLOCKS, NECKS
 
 POOLINGS = ("polyphase", "avg")
@@ -91,7 +92,7 @@ def avg_pool(x, factor: int, size: Sequence[int]):
                        "b (h i) (w j) c -> b h w c", "sum", i=factor, j=factor)
   inside = np.zeros((h * factor, w * factor), np.float32)
   inside[:x.shape[1], :x.shape[2]] = 1.0
-  counts = inside.reshape(h, factor, w, factor).sum(axis=(1, 3))
+  counts = einops.reduce(inside, "(h i) (w j) -> h w", "sum", i=factor, j=factor)
   return (sums / np.maximum(counts, 1.0)[None, :, :, None]).astype(x.dtype)
 
 
@@ -177,7 +178,7 @@ class DisentangledNonLocal(nn.Module):
     def embed(name):
       y = layers.ConvModule(inter, 1, norm=None, act=None, use_bias=True, dtype=self.dtype,
                             kernel_init=init, name=name)(x, train)
-      return y.reshape(b, h * w, inter)
+      return einops.rearrange(y, "b h w c -> b (h w) c")
 
     g, theta, phi = embed("g"), embed("theta"), embed("phi")
     theta = theta - jnp.mean(theta, axis=1, keepdims=True)
@@ -189,9 +190,10 @@ class DisentangledNonLocal(nn.Module):
     pairwise = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     y = jnp.einsum("bnm,bmc->bnc", pairwise, g)
     mask = layers.Conv2d(1, 1, use_bias=True, dtype=self.dtype, name="conv_mask")(x)
-    unary = jax.nn.softmax(mask.reshape(b, h * w).astype(jnp.float32), axis=-1)
+    unary = jax.nn.softmax(einops.rearrange(mask, "b h w 1 -> b (h w)").astype(jnp.float32),
+                           axis=-1)
     z = jnp.einsum("bn,bnc->bc", unary.astype(self.dtype), g)
-    out = (y + z[:, None, :]).reshape(b, h, w, inter)
+    out = einops.rearrange(y + z[:, None, :], "b (h w) c -> b h w c", h=h)
     out = _ConvOut(c, norm=self.norm, zero_init=self.zero_init_out, dtype=self.dtype,
                    name="conv_out")(out, train)
     return x.astype(self.dtype) + out if self.residual else out
@@ -242,15 +244,6 @@ BLOCKS.register("dnl_block", from_official=dnl_from_official,
 # The FRM transformer block and neck.
 # ----------------------------------------------------------------------------
 
-def _norm(kind: str, name: str, dtype):
-  """The block's norm layer: BatchNorm (VAN's choice) or per-pixel LayerNorm."""
-  if kind == "bn":
-    return lambda x, train: layers.BatchNorm(dtype=dtype, name=name)(x, train)
-  if kind == "ln":
-    return lambda x, train: layers.LayerNorm(1e-5, dtype=dtype, name=name)(x)
-  raise ValueError(f"FRM norm must be 'bn' or 'ln', not {kind!r}")
-
-
 class FFN(nn.Module):
   """1x1 conv (C -> ratio*C), [depthwise 3x3], exact GELU, 1x1 conv (-> C).
 
@@ -276,36 +269,39 @@ class FFN(nn.Module):
     return layers.Conv2d(c, 1, dtype=self.dtype, name="fc2")(x)
 
 
-class DNLTransformerBlock(nn.Module):
+class DNLTransformerBlock(layers.PreNormResidual, kw_only=True):
   """Pre-norm transformer block with DNL attention as the token mixer.
 
   ``y = x + DropPath(DNL(norm1(x)))``, ``z = y + DropPath(FFN(norm2(y)))``, where
   DNL is :class:`DisentangledNonLocal` without its own residual (whitened
   pairwise term with temperature, plus the unary term, then conv_out, with BN
   when ``attn_out_norm='bn'``, zero-initialised so the branch starts at 0).
+  ``norm`` is BatchNorm (VAN's choice, ``'bn'``) or a per-pixel LayerNorm (``'ln'``).
   """
   norm: str = "bn"
   ffn: str = "mix"
-  mlp_ratio: float = 4.0
   reduction: int = 2
   use_scale: bool = True
   temperature: float = 0.05
   attn_out_norm: str | None = "bn"
-  drop_path: float = 0.0
-  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = x.astype(self.dtype)
-    attn = DisentangledNonLocal(reduction=self.reduction, use_scale=self.use_scale,
+  @nn.nowrap
+  def pre_norm(self, x, name, train):
+    if self.norm == "bn":
+      return layers.BatchNorm(dtype=self.dtype, name=name)(x, train)
+    if self.norm == "ln":
+      return layers.LayerNorm(1e-5, dtype=self.dtype, name=name)(x)
+    raise ValueError(f"FRM norm must be 'bn' or 'ln', not {self.norm!r}")
+
+  @nn.nowrap
+  def mixer(self, x, train):
+    return DisentangledNonLocal(reduction=self.reduction, use_scale=self.use_scale,
                                 temperature=self.temperature, norm=self.attn_out_norm,
-                                residual=False,
-                                dtype=self.dtype, name="attn")
-    h = attn(_norm(self.norm, "norm1", self.dtype)(x, train), train)
-    x = x + layers.DropPath(self.drop_path)(h, train)
-    h = FFN(self.mlp_ratio, self.ffn, dtype=self.dtype, name="mlp")(
-        _norm(self.norm, "norm2", self.dtype)(x, train))
-    return x + layers.DropPath(self.drop_path)(h, train)
+                                residual=False, dtype=self.dtype, name="attn")(x, train)
+
+  @nn.nowrap
+  def mlp(self, x, train):
+    return FFN(self.mlp_ratio, self.ffn, dtype=self.dtype, name="mlp")(x)
 
 
 class FRM(nn.Module):
@@ -381,13 +377,12 @@ class FRM(nn.Module):
     if self.embed_dims is not None:
       x = layers.ConvModule(self.embed_dims, 1, norm="bn", act="relu", dtype=self.dtype,
                             name="reduce")(x, train)
-    rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
-    for i in range(self.depth):
+    for i, rate in enumerate(layers.drop_path_rates((self.depth,), self.drop_path_rate)[0]):
       x = DNLTransformerBlock(norm=self.norm, ffn=self.ffn, mlp_ratio=self.mlp_ratio,
                               reduction=self.reduction, use_scale=self.use_scale,
-                              temperature=self.temperature,
-                              attn_out_norm=self.attn_out_norm, drop_path=float(rates[i]),
-                              dtype=self.dtype, name=f"blocks.{i}")(x, train)
+                              temperature=self.temperature, attn_out_norm=self.attn_out_norm,
+                              drop_path_rate=rate, dtype=self.dtype,
+                              name=f"blocks.{i}")(x, train)
     out = layers.ConvModule(out_channels, 1, norm=self.proj_norm,
                             act=None, dtype=self.dtype, name="proj")(x, train)
     if self.shortcut:
@@ -398,7 +393,7 @@ class FRM(nn.Module):
 @NECKS.register("frm")
 def build_frm(**fields) -> FRM:
   """FRM neck (pool to 1/32, concat, DNL transformer block, project back)."""
-  return FRM(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+  return FRM(**as_field(fields))
 
 
 # ----------------------------------------------------------------------------

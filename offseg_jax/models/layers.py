@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
-import os
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
+from einops import rearrange
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,17 @@ def activation(name: str | None):
   return table[key]
 
 
-class Conv2d(nn.Module):
-  """torch.nn.Conv2d in NHWC with explicit symmetric padding.
+def field_values(module: nn.Module, cls) -> dict[str, Any]:
+  """``module``'s values of the constructor fields of ``cls`` (a base of its class).
+
+  For a module that passes a base's fields on to the submodule they configure.
+  """
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(cls)
+          if f.name not in ("parent", "name")}
+
+
+class ConvGeometry(nn.Module):
+  """torch Conv2d's leading arguments, in its order: the fields every conv layer shares.
 
   ``padding`` is an int/pair of symmetric paddings (torch convention) or an
   explicit ((top, bottom), (left, right)).
@@ -67,6 +77,10 @@ class Conv2d(nn.Module):
   padding: Any = 0
   dilation: Any = 1
   groups: int = 1
+
+
+class Conv2d(ConvGeometry):
+  """torch.nn.Conv2d in NHWC with explicit symmetric padding (see :class:`ConvGeometry`)."""
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -105,23 +119,61 @@ class Conv2d(nn.Module):
     return y
 
 
+def torch_fan_out_normal(groups: int = 1):
+  """mmseg's conv init: N(0, 2 / fan_out), fan_out = kh * kw * out / groups.
+
+  Flax's ``variance_scaling`` cannot see the group count, which matters for
+  depthwise convolutions, hence this closure.
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    kh, kw, _, out = shape
+    std = np.sqrt(2.0 / (kh * kw * out // groups))
+    return std * jax.random.normal(key, shape, dtype)
+
+  return init
+
+
+def fan_out_conv(features, kernel, padding=0, stride=1, dilation=1, groups=1,
+                 dtype=jnp.float32, name=None) -> Conv2d:
+  """A :class:`Conv2d` with :func:`torch_fan_out_normal` init (MiT's, VAN's, MSCAN's convs).
+
+  Depthwise convs (``groups == channels``) take ``Conv2d``'s depthwise path,
+  which runs as shifted multiply-adds on CPU.
+  """
+  return Conv2d(features, kernel, stride, padding, dilation, groups, dtype=dtype,
+                kernel_init=torch_fan_out_normal(groups), name=name)
+
+
+# How depthwise (and 1x1) convolutions are traced: see :func:`depthwise_impl`.
+CONV_IMPLS = ("auto", "conv", "shift")
+_CONV_IMPL = contextvars.ContextVar("offseg_conv_impl", default="auto")
+
+
+def check_conv_impl(impl: str) -> str:
+  """``impl`` if it is one of :data:`CONV_IMPLS`, else a ``ValueError`` naming them."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, not {impl!r}")
+  return impl
+
+
 @contextlib.contextmanager
 def depthwise_impl(impl: str):
   """Traces depthwise convolutions as ``'conv'`` or ``'shift'`` inside the block.
 
   'shift' also traces 1x1 convolutions as matmuls (:func:`pointwise_matmul`),
   'conv' keeps every convolution a ``conv_general_dilated``: FLOP counters that
-  look for convolutions in the program use 'conv'.
+  look for convolutions in the program use 'conv'. 'auto' (the default outside
+  any block) picks 'shift' on the CPU backend and 'conv' elsewhere. The choice
+  is a context variable read while a model traces; a model's own
+  ``EncoderDecoder.conv_impl`` (``config.model.conv_impl``), when not 'auto',
+  takes precedence inside its forward.
   """
-  previous = os.environ.get("OFFSEG_DEPTHWISE")
-  os.environ["OFFSEG_DEPTHWISE"] = impl
+  token = _CONV_IMPL.set(check_conv_impl(impl))
   try:
     yield
   finally:
-    if previous is None:
-      del os.environ["OFFSEG_DEPTHWISE"]
-    else:
-      os.environ["OFFSEG_DEPTHWISE"] = previous
+    _CONV_IMPL.reset(token)
 
 
 _REFERENCE_FORMS = contextvars.ContextVar("offseg_reference_forms", default=False)
@@ -150,14 +202,12 @@ def _depthwise_as_shifts() -> bool:
 
   XLA's CPU backend runs grouped convolutions (and their gradients) 2-15x slower
   than the same arithmetic written as shifted slices; GPUs and TPUs have fast
-  native depthwise kernels. ``OFFSEG_DEPTHWISE=conv|shift`` (or
-  :func:`depthwise_impl`) forces either path.
+  native depthwise kernels. :func:`depthwise_impl` (or a model's ``conv_impl``)
+  forces either path; 'auto' follows the backend.
   """
-  choice = os.environ.get("OFFSEG_DEPTHWISE", "auto")
+  choice = _CONV_IMPL.get()
   if choice == "auto":
     return jax.default_backend() == "cpu"
-  if choice not in ("conv", "shift"):
-    raise ValueError(f"OFFSEG_DEPTHWISE must be auto, conv or shift, not {choice!r}")
   return choice == "shift"
 
 
@@ -168,10 +218,10 @@ def _pointwise_as_matmul() -> bool:
   same products as a matmul (kernel gradient of SegFormer's 1024 -> 256
   ``fusion_conv`` at 128x128: 9.2 s vs 1.5 s per forward+backward, measured on
   2 cores), and its forward up to 2x slower. GPUs and TPUs rewrite 1x1
-  convolutions as matmuls themselves. Follows :func:`depthwise_impl` /
-  ``OFFSEG_DEPTHWISE``: 'conv' keeps every convolution a convolution (what the
-  FLOP counters of ``tools.complexity`` look for), 'shift' forces the CPU
-  forms, 'auto' uses them on CPU only.
+  convolutions as matmuls themselves. Follows :func:`depthwise_impl`: 'conv'
+  keeps every convolution a convolution (what the FLOP counters of
+  ``tools.complexity`` look for), 'shift' forces the CPU forms, 'auto' uses
+  them on CPU only.
   """
   return cpu_forms()
 
@@ -179,10 +229,11 @@ def _pointwise_as_matmul() -> bool:
 def cpu_forms() -> bool:
   """Whether models trace their CPU-tuned formulations (same results up to rounding).
 
-  True on CPU unless ``OFFSEG_DEPTHWISE=conv`` (:func:`depthwise_impl`, the
-  program an accelerator runs and FLOP counters read) or inside
-  :func:`reference_forms`. Used for 1x1 convolutions as matmuls and
-  FreqFusion's CARAFE gradient as batched matmuls (docs/performance.md).
+  True on CPU unless the convolution choice is 'conv' (:func:`depthwise_impl`
+  or a model's ``conv_impl``: the program an accelerator runs and FLOP counters
+  read) or inside :func:`reference_forms`. Used for 1x1 convolutions as
+  matmuls and FreqFusion's CARAFE gradient as batched matmuls
+  (docs/performance.md).
   """
   return not _REFERENCE_FORMS.get() and _depthwise_as_shifts()
 
@@ -196,9 +247,9 @@ def pointwise_matmul(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0))):
     x = jnp.pad(x, ((0, 0),) + tuple(tuple(p) for p in padding) + ((0, 0),))
   if tuple(stride) != (1, 1):
     x = x[:, ::stride[0], ::stride[1]]
-  b, h, w, c = x.shape
-  y = jnp.matmul(x.reshape(b * h * w, c), kernel.reshape(c, kernel.shape[-1]))
-  return y.reshape(b, h, w, kernel.shape[-1])
+  b, h = x.shape[:2]
+  y = jnp.matmul(rearrange(x, "b h w c -> (b h w) c"), rearrange(kernel, "1 1 c d -> c d"))
+  return rearrange(y, "(b h w) d -> b h w d", b=b, h=h)
 
 
 def depthwise_shift_add(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
@@ -226,21 +277,14 @@ def depthwise_shift_add(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dila
   return out
 
 
-class Linear(nn.Module):
-  """torch.nn.Linear on the last axis (kernel stored (in, out))."""
-  features: int
-  use_bias: bool = True
-  dtype: Dtype = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
+class Linear(nn.Dense):
+  """torch.nn.Linear on the last axis: flax's ``Dense`` (kernel stored (in, out)).
 
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+  The compute dtype defaults to float32, as every layer here (``Dense`` infers
+  it from the input and float32 parameters: float32 too). The subclass keeps
+  the class name, hence auto-generated submodule names (``Linear_0``).
+  """
+  dtype: Dtype = jnp.float32
 
 
 def _low_precision(x) -> bool:
@@ -296,6 +340,7 @@ class BatchNorm(nn.Module):
   inputs are normalised without a float32 copy (:func:`centred_moments`).
   Inside :func:`batch_stat_groups` the statistics are per group of examples
   (per device), and the running statistics move by their mean over groups.
+  Not ``nn.BatchNorm``: torch's unbiased running variance, per-device statistics groups.
   """
   epsilon: float = 1e-5
   momentum: float = 0.1          # torch convention
@@ -338,7 +383,7 @@ class BatchNorm(nn.Module):
     if x.shape[0] % groups:
       raise ValueError(f"{self.name}: batch of {x.shape[0]} does not split into "
                        f"{groups} BatchNorm statistics groups")
-    xg = x.astype(jnp.float32).reshape((groups, x.shape[0] // groups) + x.shape[1:])
+    xg = rearrange(x.astype(jnp.float32), "(g b) ... -> g b ...", g=groups)
     axes = tuple(range(1, xg.ndim - 1))
     mean = jnp.mean(xg, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
@@ -348,13 +393,14 @@ class BatchNorm(nn.Module):
     ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * flat(mean)
     ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * flat(unbiased)
     y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.reshape(x.shape).astype(self.dtype)
+    return rearrange(y, "g b ... -> (g b) ...").astype(self.dtype)
 
 
 class GroupNorm(nn.Module):
   """torch.nn.GroupNorm on NHWC (channels grouped contiguously), eps 1e-5.
 
   float32 statistics; bf16 inputs as in :class:`LayerNorm`.
+  Not ``nn.GroupNorm``: flax normalises bf16 inputs as a float32 copy (x - float32 mean).
   """
   num_groups: int
   epsilon: float = 1e-5
@@ -368,17 +414,17 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    split = lambda t: rearrange(t, "... (g c) -> ... g c", g=self.num_groups)
+    merge = lambda t: rearrange(t, "... g c -> ... (g c)")
     if _low_precision(x):
-      g = x.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
-      _, var, centred = centred_moments(g, axes, keepdims=True)
+      _, var, centred = centred_moments(split(x), axes, keepdims=True)
       g = centred * jax.lax.rsqrt(var + self.epsilon).astype(x.dtype)
-      return (g.reshape(x.shape) * scale.astype(x.dtype) + bias.astype(x.dtype)).astype(self.dtype)
-    xf = x.astype(jnp.float32)
-    g = xf.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+      return (merge(g) * scale.astype(x.dtype) + bias.astype(x.dtype)).astype(self.dtype)
+    g = split(x.astype(jnp.float32))
     mean = jnp.mean(g, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
     g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
-    return (g.reshape(x.shape) * scale + bias).astype(self.dtype)
+    return (merge(g) * scale + bias).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -386,6 +432,7 @@ class LayerNorm(nn.Module):
 
   float32 statistics; bf16 inputs are normalised in bf16 without a float32
   copy (:func:`centred_moments`).
+  Not ``nn.LayerNorm``: flax normalises bf16 inputs as a float32 copy (x - float32 mean).
   """
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
@@ -406,17 +453,11 @@ class LayerNorm(nn.Module):
     return ((xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
 
 
-class ConvModule(nn.Module):
+class ConvModule(ConvGeometry):
   """mmcv ConvModule: conv -> norm -> activation, torch names ``conv``/``bn``/``gn``.
 
   ``use_bias='auto'`` follows mmcv: a bias only when there is no norm.
   """
-  features: int
-  kernel_size: Any = 1
-  stride: Any = 1
-  padding: Any = 0
-  dilation: Any = 1
-  groups: int = 1
   norm: str | None = None          # 'bn' | 'gn' | None
   num_groups: int = 32
   act: str | None = "relu"
@@ -427,8 +468,7 @@ class ConvModule(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     bias = (self.norm is None) if self.use_bias == "auto" else bool(self.use_bias)
-    x = Conv2d(self.features, self.kernel_size, self.stride, self.padding,
-               self.dilation, self.groups, use_bias=bias, dtype=self.dtype,
+    x = Conv2d(**field_values(self, ConvGeometry), use_bias=bias, dtype=self.dtype,
                kernel_init=self.kernel_init, name="conv")(x)
     if self.norm == "bn":
       x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
@@ -451,6 +491,62 @@ class DropPath(nn.Module):
     rng = self.make_rng("dropout")
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def drop_path_rates(depths: Sequence[int], max_rate: float) -> list[list[float]]:
+  """Per stage, its blocks' stochastic-depth rates: linear from 0 to ``max_rate``.
+
+  The rule of mmseg's MiT, MSCAN, VAN and Swin (``torch.linspace`` over all
+  blocks of all stages); ``depths`` gives the blocks of each stage.
+  """
+  rates = np.linspace(0.0, max_rate, sum(depths)).tolist()
+  bounds = np.cumsum([0, *depths]).tolist()
+  return [rates[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+class PreNormResidual(nn.Module):
+  """Pre-norm residual block: ``x + DropPath(s1 * mixer(norm1 x))``, then ``mlp``/``norm2``.
+
+  The block of MiT, VAN, MSCAN and FRM: a subclass gives :meth:`pre_norm` (called
+  with the torch names ``norm1``/``norm2``), :meth:`mixer` and :meth:`mlp`,
+  which create their submodules in this block's scope. ``layer_scale_init``
+  (a class attribute) adds per-channel scales ``layer_scale_1``/``layer_scale_2``
+  (s1, s2; VAN, MSCAN) starting at that value; without it s1 = s2 = 1. The
+  residual stream runs in ``dtype``.
+  """
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  layer_scale_init: ClassVar[float | None] = None
+
+  @nn.nowrap
+  def pre_norm(self, x, name: str, train: bool):
+    """The pre-norm ``name`` of ``x``."""
+    raise NotImplementedError
+
+  @nn.nowrap
+  def mixer(self, x, train: bool):
+    """The token mixer (attention) branch."""
+    raise NotImplementedError
+
+  @nn.nowrap
+  def mlp(self, x, train: bool):
+    """The channel MLP branch (``mlp_ratio`` times wider inside)."""
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.astype(self.dtype)
+    s1 = s2 = None
+    if self.layer_scale_init is not None:
+      init = nn.initializers.constant(self.layer_scale_init)
+      s1, s2 = (self.param(f"layer_scale_{i}", init, (x.shape[-1],), jnp.float32)
+                .astype(self.dtype) for i in (1, 2))
+    y = self.mixer(self.pre_norm(x, "norm1", train), train)
+    x = x + DropPath(self.drop_path_rate)(y if s1 is None else s1 * y, train)
+    y = self.mlp(self.pre_norm(x, "norm2", train), train)
+    return x + DropPath(self.drop_path_rate)(y if s2 is None else s2 * y, train)
 
 
 # ----------------------------------------------------------------------------
@@ -481,21 +577,24 @@ def resize_bilinear(x, size: Sequence[int]):
   """
   if _REFERENCE_FORMS.get():
     return resize_bilinear_gather(x, size)
-  h_out, w_out = int(size[0]), int(size[1])
-  if x.shape[1] != h_out:
-    x = _resize_axis(x, 1, h_out)
-  if x.shape[2] != w_out:
-    x = _resize_axis(x, 2, w_out)
-  return x
+  return _resize_separably(x, size, _resize_axis)
 
 
 def resize_bilinear_gather(x, size: Sequence[int]):
   """:func:`resize_bilinear` as two separable gathers (any ratio; the reference)."""
+  return _resize_separably(x, size, _resize_axis_gather)
+
+
+def _resize_separably(x, size: Sequence[int], resize_axis):
+  """NHWC ``x`` resized to ``size`` by ``resize_axis(x, axis, n_out)``: rows, then columns.
+
+  An axis already of its output size is left untouched.
+  """
   h_out, w_out = int(size[0]), int(size[1])
   if x.shape[1] != h_out:
-    x = _resize_axis_gather(x, 1, h_out)
+    x = resize_axis(x, 1, h_out)
   if x.shape[2] != w_out:
-    x = _resize_axis_gather(x, 2, w_out)
+    x = resize_axis(x, 2, w_out)
   return x
 
 
@@ -651,10 +750,15 @@ def _block_max_pool(x, kh: int, kw: int):
   return _block_max(x, kh, kw)[0]
 
 
+def _windows(x, kh: int, kw: int):
+  """(B, ho, kh, wo, kw, C) non-overlapping kh x kw windows of ``x`` (floor mode)."""
+  ho, wo = x.shape[1] // kh, x.shape[2] // kw
+  return rearrange(x[:, :ho * kh, :wo * kw], "b (ho kh) (wo kw) c -> b ho kh wo kw c",
+                   kh=kh, kw=kw)
+
+
 def _block_max(x, kh, kw):
-  b, h, w, c = x.shape
-  ho, wo = h // kh, w // kw
-  blocks = x[:, :ho * kh, :wo * kw].reshape(b, ho, kh, wo, kw, c)
+  blocks = _windows(x, kh, kw)
   return jnp.max(blocks, axis=(2, 4)), blocks
 
 
@@ -665,9 +769,9 @@ def _block_max_pool_fwd(x, kh, kw):
 
 def _block_max_pool_bwd(kh, kw, res, g):
   x, y = res
-  b, h, w, c = x.shape
+  h, w = x.shape[1:3]
   ho, wo = y.shape[1], y.shape[2]
-  blocks = x[:, :ho * kh, :wo * kw].reshape(b, ho, kh, wo, kw, c)
+  blocks = _windows(x, kh, kw)
   taken = None
   rows = []
   for i in range(kh):
@@ -679,8 +783,7 @@ def _block_max_pool_bwd(kh, kw, res, g):
       taken = hit if taken is None else taken | hit
       cols.append(jnp.where(hit, g, jnp.zeros_like(g)))
     rows.append(jnp.stack(cols, axis=3))           # (b, ho, wo, kw, c)
-  dx = jnp.stack(rows, axis=2)                      # (b, ho, kh, wo, kw, c)
-  dx = dx.reshape(b, ho * kh, wo * kw, c)
+  dx = rearrange(jnp.stack(rows, axis=2), "b ho kh wo kw c -> b (ho kh) (wo kw) c")
   if (ho * kh, wo * kw) != (h, w):                  # floor mode: dropped rows/columns
     dx = jnp.pad(dx, ((0, 0), (0, h - ho * kh), (0, w - wo * kw), (0, 0)))
   return (dx,)
@@ -697,9 +800,5 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 
 def resize_nearest(x, size: Sequence[int]):
   """torch ``F.interpolate(mode='nearest')`` on NHWC ``x`` (any integer dtype too)."""
-  h_out, w_out = int(size[0]), int(size[1])
-  if x.shape[1] != h_out:
-    x = jnp.take(x, nearest_indices(x.shape[1], h_out), axis=1)
-  if x.shape[2] != w_out:
-    x = jnp.take(x, nearest_indices(x.shape[2], w_out), axis=2)
-  return x
+  return _resize_separably(
+      x, size, lambda x, axis, n_out: jnp.take(x, nearest_indices(x.shape[axis], n_out), axis=axis))

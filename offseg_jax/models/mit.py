@@ -17,28 +17,12 @@ from einops import rearrange
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from offseg_jax.models import layers
 from offseg_jax.models.family import backbone_fields_from_official, register_backbones
 
 _LN_EPS = 1e-6
 _trunc02 = nn.initializers.truncated_normal(stddev=0.02)
-
-
-def torch_fan_out_normal(groups: int = 1):
-  """mmseg's conv init: N(0, 2 / fan_out), fan_out = kh * kw * out / groups.
-
-  Flax's ``variance_scaling`` cannot see the group count, which matters for
-  depthwise convolutions, hence this closure.
-  """
-
-  def init(key, shape, dtype=jnp.float32):
-    kh, kw, _, out = shape
-    std = np.sqrt(2.0 / (kh * kw * out // groups))
-    return std * jax.random.normal(key, shape, dtype)
-
-  return init
 
 
 # SegFormer sizes. Stage widths are embed_dims * num_heads[i]; every size uses
@@ -111,8 +95,8 @@ class EfficientMultiheadAttention(nn.Module):
     c = x.shape[-1]
     kv = x
     if self.sr_ratio > 1:
-      kv = layers.Conv2d(c, self.sr_ratio, self.sr_ratio, dtype=self.dtype,
-                         kernel_init=torch_fan_out_normal(), name="sr")(x)
+      kv = layers.fan_out_conv(c, self.sr_ratio, stride=self.sr_ratio, dtype=self.dtype,
+                               name="sr")(x)
       kv = layers.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm")(kv)
     out = TorchMultiheadAttention(self.num_heads, self.attn_drop_rate, self.qkv_bias,
                                   dtype=self.dtype, name="attn")(
@@ -135,43 +119,42 @@ class MixFFN(nn.Module):
   def __call__(self, x, train: bool = False):
     c = x.shape[-1]
     fc1, dwconv, fc2 = self.names
-    y = layers.Conv2d(self.hidden, 1, dtype=self.dtype, kernel_init=torch_fan_out_normal(),
-                      name=fc1)(x)
-    y = layers.Conv2d(self.hidden, 3, padding=1, groups=self.hidden, dtype=self.dtype,
-                      kernel_init=torch_fan_out_normal(self.hidden), name=dwconv)(y)
+    y = layers.fan_out_conv(self.hidden, 1, dtype=self.dtype, name=fc1)(x)
+    y = layers.fan_out_conv(self.hidden, 3, 1, groups=self.hidden, dtype=self.dtype,
+                            name=dwconv)(y)
     y = layers.gelu(y)
     if train and self.drop_rate > 0:
       y = nn.Dropout(self.drop_rate, deterministic=False)(y)
-    y = layers.Conv2d(c, 1, dtype=self.dtype, kernel_init=torch_fan_out_normal(),
-                      name=fc2)(y)
+    y = layers.fan_out_conv(c, 1, dtype=self.dtype, name=fc2)(y)
     if train and self.drop_rate > 0:
       y = nn.Dropout(self.drop_rate, deterministic=False)(y)
     return y
 
 
-class MiTBlock(nn.Module):
+class MiTBlock(layers.PreNormResidual, kw_only=True):
   """Pre-norm transformer block: x + DropPath(attn(LN x)); x + DropPath(ffn(LN x))."""
   num_heads: int
   sr_ratio: int
-  mlp_ratio: int = 4
   qkv_bias: bool = True
   drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    c = x.shape[-1]
-    y = layers.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm1")(x)
+  @nn.nowrap
+  def pre_norm(self, x, name, train):
+    return layers.LayerNorm(_LN_EPS, dtype=self.dtype, name=name)(x)
+
+  @nn.nowrap
+  def mixer(self, x, train):
     y = EfficientMultiheadAttention(self.num_heads, self.sr_ratio, self.attn_drop_rate,
-                                    self.qkv_bias, dtype=self.dtype, name="attn")(y, train)
+                                    self.qkv_bias, dtype=self.dtype, name="attn")(x, train)
     if train and self.drop_rate > 0:      # mmcv's proj_drop after out_proj
       y = nn.Dropout(self.drop_rate, deterministic=False)(y)
-    x = x + layers.DropPath(self.drop_path_rate)(y, train)
-    y = layers.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm2")(x)
-    y = MixFFN(self.mlp_ratio * c, self.drop_rate, dtype=self.dtype, name="ffn")(y, train)
-    return x + layers.DropPath(self.drop_path_rate)(y, train)
+    return y
+
+  @nn.nowrap
+  def mlp(self, x, train):
+    return MixFFN(int(self.mlp_ratio * x.shape[-1]), self.drop_rate, dtype=self.dtype,
+                  name="ffn")(x, train)
 
 
 class PatchEmbed(nn.Module):
@@ -183,9 +166,8 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = layers.Conv2d(self.features, self.kernel_size, self.stride, self.kernel_size // 2,
-                      dtype=self.dtype, kernel_init=torch_fan_out_normal(),
-                      name="projection")(x)
+    x = layers.fan_out_conv(self.features, self.kernel_size, self.kernel_size // 2, self.stride,
+                            dtype=self.dtype, name="projection")(x)
     return layers.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm")(x)
 
 
@@ -217,17 +199,16 @@ class MixVisionTransformer(nn.Module):
             == len(self.sr_ratios)):
       raise ValueError("num_layers, num_heads, patch_sizes, strides and sr_ratios must "
                        "have one entry per stage")
-    rates = np.linspace(0.0, self.drop_path_rate, sum(self.num_layers))
-    x, outs, block = images, [], 0
-    for i in range(n_stages):
+    x, outs = images, []
+    for i, rates in enumerate(layers.drop_path_rates(self.num_layers, self.drop_path_rate)):
       width = self.embed_dims * self.num_heads[i]
       x = PatchEmbed(width, self.patch_sizes[i], self.strides[i], dtype=self.dtype,
                      name=f"layers.{i}.0")(x)
-      for j in range(self.num_layers[i]):
-        x = MiTBlock(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio, self.qkv_bias,
-                     self.drop_rate, self.attn_drop_rate, float(rates[block]),
-                     dtype=self.dtype, name=f"layers.{i}.1.{j}")(x, train)
-        block += 1
+      for j, rate in enumerate(rates):
+        x = MiTBlock(num_heads=self.num_heads[i], sr_ratio=self.sr_ratios[i],
+                     mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop_rate=self.drop_rate,
+                     attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate, dtype=self.dtype,
+                     name=f"layers.{i}.1.{j}")(x, train)
       x = layers.LayerNorm(_LN_EPS, dtype=self.dtype, name=f"layers.{i}.2")(x)
       if i in self.out_indices:
         outs.append(x)

@@ -17,15 +17,14 @@ which are not implemented; evaluation (running statistics) is unaffected.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from offseg_jax.models import layers
 from offseg_jax.models.family import backbone_fields_from_official, register_backbones
-from offseg_jax.models.mit import MixFFN, torch_fan_out_normal
+from offseg_jax.models.van import SpatialAttention, VANBlock
 
 MSCAN_SIZES = {
     "t": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2)),
@@ -38,11 +37,6 @@ for _fields in MSCAN_SIZES.values():
 
 _DEFAULT_KERNELS = (5, (1, 7), (1, 11), (1, 21))
 _DEFAULT_PADDINGS = (2, (0, 3), (0, 5), (0, 10))
-
-
-def _conv(features, kernel, padding=0, stride=1, groups=1, dtype=jnp.float32, name=None):
-  return layers.Conv2d(features, kernel, stride, padding, groups=groups, dtype=dtype,
-                       kernel_init=torch_fan_out_normal(groups), name=name)
 
 
 def _flip(pair):
@@ -59,56 +53,42 @@ class MSCAAttention(nn.Module):
   @nn.compact
   def __call__(self, u):
     c = u.shape[-1]
-    attn = _conv(c, self.kernel_sizes[0], self.paddings[0], groups=c, dtype=self.dtype,
-                 name="conv0")(u)
+    conv = lambda kernel, pad, name: layers.fan_out_conv(c, kernel, pad, groups=c,
+                                                         dtype=self.dtype, name=name)
+    attn = conv(self.kernel_sizes[0], self.paddings[0], "conv0")(u)
     total = attn
     for i, (kernel, pad) in enumerate(zip(self.kernel_sizes[1:], self.paddings[1:])):
-      branch = _conv(c, tuple(kernel), tuple(pad), groups=c, dtype=self.dtype,
-                     name=f"conv{i}_1")(attn)
-      branch = _conv(c, _flip(kernel), _flip(pad), groups=c, dtype=self.dtype,
-                     name=f"conv{i}_2")(branch)
+      branch = conv(tuple(kernel), tuple(pad), f"conv{i}_1")(attn)
+      branch = conv(_flip(kernel), _flip(pad), f"conv{i}_2")(branch)
       total = total + branch
-    return _conv(c, 1, dtype=self.dtype, name="conv3")(total) * u
+    return layers.fan_out_conv(c, 1, dtype=self.dtype, name="conv3")(total) * u
 
 
-class MSCASpatialAttention(nn.Module):
-  """proj_2(MSCA(GELU(proj_1(x)))) + x (a residual onto the normalised input)."""
+class MSCASpatialAttention(SpatialAttention):
+  """VAN's spatial attention with :class:`MSCAAttention` as its gating unit."""
   kernel_sizes: Sequence[Any] = _DEFAULT_KERNELS
   paddings: Sequence[Any] = _DEFAULT_PADDINGS
-  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    y = layers.gelu(_conv(c, 1, dtype=self.dtype, name="proj_1")(x))
-    y = MSCAAttention(self.kernel_sizes, self.paddings, dtype=self.dtype,
-                      name="spatial_gating_unit")(y)
-    return _conv(c, 1, dtype=self.dtype, name="proj_2")(y) + x
+  @nn.nowrap
+  def gating_unit(self) -> nn.Module:
+    return MSCAAttention(self.kernel_sizes, self.paddings, dtype=self.dtype,
+                         name="spatial_gating_unit")
 
 
-class MSCABlock(nn.Module):
-  """BN pre-norm block with per-channel layer scales (init 1e-2)."""
-  mlp_ratio: float = 4.0
+class MSCABlock(VANBlock):
+  """VAN's block (BN pre-norm, layer scales 1e-2) with multi-scale conv attention.
+
+  The Mix-FFN's depthwise conv is ``mlp.dwconv`` here (VAN: ``mlp.dwconv.dwconv``).
+  """
   kernel_sizes: Sequence[Any] = _DEFAULT_KERNELS
   paddings: Sequence[Any] = _DEFAULT_PADDINGS
-  drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    c = x.shape[-1]
-    scale_init = nn.initializers.constant(1e-2)
-    ls1 = self.param("layer_scale_1", scale_init, (c,), jnp.float32)
-    ls2 = self.param("layer_scale_2", scale_init, (c,), jnp.float32)
-    y = layers.BatchNorm(dtype=self.dtype, name="norm1")(x, train)
-    y = MSCASpatialAttention(self.kernel_sizes, self.paddings, dtype=self.dtype,
-                             name="attn")(y)
-    x = x + layers.DropPath(self.drop_path_rate)(ls1.astype(self.dtype) * y, train)
-    y = layers.BatchNorm(dtype=self.dtype, name="norm2")(x, train)
-    y = MixFFN(int(c * self.mlp_ratio), self.drop_rate, names=("fc1", "dwconv", "fc2"),
-               dtype=self.dtype, name="mlp")(y, train)
-    return x + layers.DropPath(self.drop_path_rate)(ls2.astype(self.dtype) * y, train)
+  mlp_names: ClassVar[tuple[str, str, str]] = ("fc1", "dwconv", "fc2")
+
+  @nn.nowrap
+  def mixer(self, x, train):
+    return MSCASpatialAttention(kernel_sizes=self.kernel_sizes, paddings=self.paddings,
+                                dtype=self.dtype, name="attn")(x)
 
 
 class StemConv(nn.Module):
@@ -118,9 +98,9 @@ class StemConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = _conv(self.features // 2, 3, 1, 2, dtype=self.dtype, name="proj.0")(x)
+    x = layers.fan_out_conv(self.features // 2, 3, 1, 2, dtype=self.dtype, name="proj.0")(x)
     x = layers.gelu(layers.BatchNorm(dtype=self.dtype, name="proj.1")(x, train))
-    x = _conv(self.features, 3, 1, 2, dtype=self.dtype, name="proj.3")(x)
+    x = layers.fan_out_conv(self.features, 3, 1, 2, dtype=self.dtype, name="proj.3")(x)
     return layers.BatchNorm(dtype=self.dtype, name="proj.4")(x, train)
 
 
@@ -131,7 +111,7 @@ class OverlapPatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = _conv(self.features, 3, 1, 2, dtype=self.dtype, name="proj")(x)
+    x = layers.fan_out_conv(self.features, 3, 1, 2, dtype=self.dtype, name="proj")(x)
     return layers.BatchNorm(dtype=self.dtype, name="norm")(x, train)
 
 
@@ -154,18 +134,18 @@ class MSCAN(nn.Module):
   def __call__(self, images, train: bool = False):
     if not len(self.embed_dims) == len(self.mlp_ratios) == len(self.depths):
       raise ValueError("embed_dims, mlp_ratios and depths need one entry per stage")
-    rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
-    x, outs, block = images, [], 0
+    x, outs = images, []
+    rates = layers.drop_path_rates(self.depths, self.drop_path_rate)
     for i, width in enumerate(self.embed_dims):
       if i == 0:
         x = StemConv(width, dtype=self.dtype, name="patch_embed1")(x, train)
       else:
         x = OverlapPatchEmbed(width, dtype=self.dtype, name=f"patch_embed{i + 1}")(x, train)
-      for j in range(self.depths[i]):
-        x = MSCABlock(self.mlp_ratios[i], self.attention_kernel_sizes,
-                      self.attention_kernel_paddings, self.drop_rate, float(rates[block]),
-                      dtype=self.dtype, name=f"block{i + 1}.{j}")(x, train)
-        block += 1
+      for j, rate in enumerate(rates[i]):
+        x = MSCABlock(mlp_ratio=self.mlp_ratios[i], kernel_sizes=self.attention_kernel_sizes,
+                      paddings=self.attention_kernel_paddings, drop_rate=self.drop_rate,
+                      drop_path_rate=rate, dtype=self.dtype,
+                      name=f"block{i + 1}.{j}")(x, train)
       x = layers.LayerNorm(1e-5, dtype=self.dtype, name=f"norm{i + 1}")(x)
       outs.append(x)
     return tuple(outs)

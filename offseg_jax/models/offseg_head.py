@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from einops import rearrange
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -30,14 +31,13 @@ def interleave_quarters(hr, lr):
   The official code folds the channels into 4 batch slots, concatenates and
   unfolds; per sample that is this interleave of contiguous quarters.
   """
-  b, h, w, c_hr = hr.shape
-  c_lr = lr.shape[-1]
+  c_hr, c_lr = hr.shape[-1], lr.shape[-1]
   if c_hr % 4 or c_lr % 4:
     raise ValueError(f"the 4-group interleave needs channel counts divisible by 4, "
                      f"got {c_hr} and {c_lr}")
-  mixed = jnp.concatenate([hr.reshape(b, h, w, 4, c_hr // 4),
-                           lr.reshape(b, h, w, 4, c_lr // 4)], axis=-1)
-  return mixed.reshape(b, h, w, c_hr + c_lr)
+  quarters = lambda t: rearrange(t, "b h w (q c) -> b h w q c", q=4)
+  mixed = jnp.concatenate([quarters(hr), quarters(lr)], axis=-1)
+  return rearrange(mixed, "b h w q c -> b h w (q c)")
 
 
 class OffSegHead(nn.Module):

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from offseg_jax.models import layers
-from offseg_jax.registry import BACKBONES
+from offseg_jax.models.family import as_field, backbone_from_official, register_backbones
 
 # mmseg's ResNet init: Kaiming normal, fan_out, ReLU gain.
 _kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -217,10 +217,6 @@ _NO_EFFECT = ("type", "in_channels", "with_cp", "pretrained", "init_cfg",
               "zero_init_residual")
 
 
-def _tuples(value):
-  return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def resnet_config_from_official(cfg: Mapping[str, Any]) -> dict:
   """Maps an mmseg ``ResNetV1c`` config onto :class:`ResNetV1c` fields.
 
@@ -265,35 +261,22 @@ def resnet_config_from_official(cfg: Mapping[str, Any]) -> dict:
                      f"{sorted(ARCH_SETTINGS)}")
   if cfg.get("style", "pytorch") not in ("pytorch", "caffe"):
     raise ValueError(f"ResNetV1c option style={cfg['style']!r} is not 'pytorch' or 'caffe'")
-  return {f: _tuples(cfg[f]) for f in _FIELDS if f in cfg}
+  return {f: as_field(cfg[f]) for f in _FIELDS if f in cfg}
 
 
-def resnet_from_official(official_config: Mapping[str, Any], num_classes=None,
-                         **overrides) -> ResNetV1c:
-  """Builds :class:`ResNetV1c` from an official mmseg backbone config.
-
-  ``num_classes`` is unused (a backbone); ``overrides`` (e.g. ``dtype``) win.
-  """
-  del num_classes
-  return ResNetV1c(**{**resnet_config_from_official(official_config), **overrides})
+resnet_from_official = backbone_from_official(ResNetV1c, resnet_config_from_official)
 
 
-def _register_backbones():
-  @BACKBONES.register("resnet_v1c", from_official=resnet_from_official)
-  def build_resnet_v1c(**overrides):
-    """ResNetV1c with mmseg's constructor defaults (depth 50), any field overridable."""
-    return ResNetV1c(**{k: _tuples(v) for k, v in overrides.items()})
-
-  for depth in (50, 101):
-    for suffix, layout in (("", D32), ("_d8", D8)):
-      fields = dict(depth=depth, **layout)
-
-      def build(_fields=fields, **overrides):
-        return ResNetV1c(**{**_fields, **{k: _tuples(v) for k, v in overrides.items()}})
-      build.__doc__ = (f"ResNetV1c-{depth}, strides {layout['strides']}, dilations "
-                       f"{layout['dilations']} (output stride "
-                       f"{'8' if suffix else '32'}).")
-      BACKBONES.register(f"resnet{depth}_v1c{suffix}", from_official=resnet_from_official)(build)
+# mmseg's segmentation layouts: ``resnet{50,101}_v1c`` (d32) and ``..._d8``.
+_PRESETS = {f"resnet{depth}_v1c{suffix}": dict(depth=depth, **layout)
+            for depth in (50, 101) for suffix, layout in (("", D32), ("_d8", D8))}
 
 
-_register_backbones()
+def _preset_doc(name: str) -> str:
+  fields = _PRESETS[name]
+  return (f"ResNetV1c-{fields['depth']}, strides {fields['strides']}, dilations "
+          f"{fields['dilations']} (output stride {'8' if name.endswith('_d8') else '32'}).")
+
+
+register_backbones(ResNetV1c, _PRESETS, family="resnet_v1c", from_official=resnet_from_official,
+                   doc=_preset_doc)

@@ -28,11 +28,10 @@ import jax.numpy as jnp
 
 from offseg_jax.models import layers
 from offseg_jax.models.classifiers import classify
-from offseg_jax.models.family import (as_field, check_head_config, check_in_channels,
-                                      check_segmentor_config, register_models)
+from offseg_jax.models.family import (check_in_channels, check_segmentor_config,
+                                      offset_learning_variant, register_head, register_models)
 from offseg_jax.models.mit import MIT_SIZES, MixVisionTransformer, mit_config_from_official
 from offseg_jax.models.segmentor import EncoderDecoder
-from offseg_jax.registry import HEADS
 
 # Official keys that carry nothing for us.
 TORCH_IGNORE = (r".*\.num_batches_tracked$",)
@@ -83,13 +82,9 @@ class SegformerHead(nn.Module):
 
 def segformer_head_from_official(head: Mapping[str, Any], num_classes: int) -> SegformerHead:
   """Maps an mmseg ``SegformerHead`` / ``SegformerHeadOffsetLearning`` config."""
-  kind = head.get("type")
-  if kind not in ("SegformerHead", "SegformerHeadOffsetLearning"):
-    raise ValueError(f"Not a SegFormer head config: {kind!r}")
-  check_head_config(head, ("BN", "SyncBN"))
+  ol = offset_learning_variant(head, "SegformerHead", ("BN", "SyncBN"))
   if head.get("interpolate_mode", "bilinear") != "bilinear":
     raise ValueError("Only bilinear interpolate_mode is supported")
-  ol = kind == "SegformerHeadOffsetLearning"
   return SegformerHead(
       num_classes=num_classes,
       channels=head["channels"],
@@ -109,11 +104,8 @@ def segformer_from_official(cfg: Mapping[str, Any], num_classes: int) -> Encoder
   return EncoderDecoder(backbone=backbone, decode_head=head)
 
 
-@HEADS.register("segformer_head")
-def build_segformer_head(num_classes: int, **fields) -> SegformerHead:
-  """SegformerHead with ``fields`` overriding its defaults (plain mmseg head)."""
-  return SegformerHead(num_classes=num_classes,
-                       **{k: as_field(v) for k, v in fields.items()})
+register_head("segformer_head", SegformerHead,
+              doc="SegformerHead with ``fields`` overriding its defaults (plain mmseg head).")
 
 
 register_models(

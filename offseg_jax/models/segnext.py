@@ -28,11 +28,10 @@ import jax.numpy as jnp
 
 from offseg_jax.models import layers
 from offseg_jax.models.classifiers import classify
-from offseg_jax.models.family import (as_field, check_head_config, check_in_channels,
-                                      check_segmentor_config, register_models)
+from offseg_jax.models.family import (check_in_channels, check_segmentor_config,
+                                      offset_learning_variant, register_head, register_models)
 from offseg_jax.models.mscan import MSCAN, MSCAN_SIZES, mscan_config_from_official
 from offseg_jax.models.segmentor import EncoderDecoder
-from offseg_jax.registry import HEADS
 
 TORCH_IGNORE = (r".*\.num_batches_tracked$",)
 
@@ -197,12 +196,8 @@ class LightHamHead(nn.Module):
 
 
 def ham_head_from_official(head: Mapping[str, Any], num_classes: int) -> LightHamHead:
-  """Maps an mmseg ``LightHamHead`` / ``LightHamHeadOffsetLearning`` config."""
-  kind = head.get("type")
-  if kind not in ("LightHamHead", "LightHamHeadOffsetLearning"):
-    raise ValueError(f"Not a light Hamburger head config: {kind!r}")
-  if check_head_config(head, ("GN",)) != "gn":
-    raise ValueError("LightHamHead needs a GroupNorm norm_cfg")
+  """Maps an mmseg ``LightHamHead`` / ``LightHamHeadOffsetLearning`` config (GroupNorm)."""
+  ol = offset_learning_variant(head, "LightHamHead", ("GN",))
   ham_kwargs = dict(head.get("ham_kwargs") or {})
   return LightHamHead(
       num_classes=num_classes,
@@ -210,7 +205,7 @@ def ham_head_from_official(head: Mapping[str, Any], num_classes: int) -> LightHa
       channels=head["channels"],
       in_index=tuple(head["in_index"]),
       ham_kwargs=ham_kwargs,
-      classifier="offset_learning" if kind == "LightHamHeadOffsetLearning" else "conv",
+      classifier="offset_learning" if ol else "conv",
       num_groups=head["norm_cfg"].get("num_groups", 32),
       dropout_ratio=head.get("dropout_ratio", 0.1))
 
@@ -224,11 +219,9 @@ def segnext_from_official(cfg: Mapping[str, Any], num_classes: int) -> EncoderDe
   return EncoderDecoder(backbone=backbone, decode_head=head)
 
 
-@HEADS.register("light_ham_head")
-def build_light_ham_head(num_classes: int, **fields) -> LightHamHead:
-  """LightHamHead with ``fields`` overriding its defaults (plain mmseg head)."""
-  return LightHamHead(num_classes=num_classes,
-                      **{k: as_field(v) for k, v in fields.items()})
+register_head("light_ham_head", LightHamHead,
+              doc="LightHamHead with ``fields`` overriding its defaults (plain mmseg head).")
+
 
 # Head widths of the SegNeXt configs (the OL configs keep them); MD_R is 16 in all.
 HEAD_SIZES = {

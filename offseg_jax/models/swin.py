@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from offseg_jax.models import layers
-from offseg_jax.registry import BACKBONES
+from offseg_jax.models.family import as_field, backbone_from_official, register_backbones
 
 _LN_EPS = 1e-5                     # torch nn.LayerNorm default, mmseg's LN
 _MASK_VALUE = -100.0               # mmseg's additive mask across shifted-window borders
@@ -82,7 +82,8 @@ def relative_position_index(window_size: int) -> np.ndarray:
   buffer.
   """
   w = window_size
-  coords = np.stack(np.meshgrid(np.arange(w), np.arange(w), indexing="ij")).reshape(2, -1)
+  coords = einops.rearrange(np.stack(np.meshgrid(np.arange(w), np.arange(w), indexing="ij")),
+                            "yx h w -> yx (h w)")
   rel = coords[:, :, None] - coords[:, None, :] + (w - 1)        # (2, N, N), >= 0
   return (rel[0] * (2 * w - 1) + rel[1]).astype(np.int32)
 
@@ -350,20 +351,18 @@ class SwinTransformer(nn.Module):
     if any(not 0 <= i < n_stages for i in self.out_indices):
       raise ValueError(f"out_indices {tuple(self.out_indices)} out of range for "
                        f"{n_stages} stages")
-    rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+    rates = layers.drop_path_rates(self.depths, self.drop_path_rate)
     x = PatchEmbed(self.embed_dims, self.patch_size, self.strides[0], self.patch_norm,
                    dtype=self.dtype, name="patch_embed")(images)
     if train and self.drop_rate > 0:           # mmseg's drop_after_pos
       x = nn.Dropout(self.drop_rate, deterministic=False)(x)
-    outs, block = [], 0
+    outs = []
     for i in range(n_stages):
       width = self.embed_dims * 2 ** i
-      for j in range(self.depths[i]):
+      for j, rate in enumerate(rates[i]):
         x = SwinBlock(self.num_heads[i], self.window_size, j % 2 == 1, self.mlp_ratio,
                       self.qkv_bias, self.qk_scale, self.drop_rate, self.attn_drop_rate,
-                      float(rates[block]), dtype=self.dtype,
-                      name=f"stages.{i}.blocks.{j}")(x, train)
-        block += 1
+                      rate, dtype=self.dtype, name=f"stages.{i}.blocks.{j}")(x, train)
       if i in self.out_indices:
         outs.append(layers.LayerNorm(_LN_EPS, dtype=self.dtype, name=f"norm{i}")(x))
       if i < n_stages - 1:
@@ -384,10 +383,6 @@ _FIELDS = ("embed_dims", "patch_size", "window_size", "mlp_ratio", "depths", "nu
 # checkpointing, weight loading and init.
 _NO_EFFECT = ("type", "pretrain_img_size", "in_channels", "with_cp", "pretrained",
               "convert_weights", "init_cfg", "pretrain_style")
-
-
-def _tuples(value):
-  return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def swin_config_from_official(cfg: Mapping[str, Any]) -> dict:
@@ -417,32 +412,19 @@ def swin_config_from_official(cfg: Mapping[str, Any]) -> dict:
   act = dict(cfg.get("act_cfg") or {"type": "GELU"})
   if act != {"type": "GELU"}:
     raise ValueError(f"SwinTransformer option act_cfg={act} is not supported (GELU only)")
-  return {f: _tuples(cfg[f]) for f in _FIELDS if f in cfg}
+  return {f: as_field(cfg[f]) for f in _FIELDS if f in cfg}
 
 
-def swin_from_official(official_config: Mapping[str, Any], num_classes=None,
-                       **overrides) -> SwinTransformer:
-  """Builds :class:`SwinTransformer` from an official mmseg backbone config.
-
-  ``num_classes`` is unused (a backbone); ``overrides`` (e.g. ``dtype``) win.
-  """
-  del num_classes
-  return SwinTransformer(**{**swin_config_from_official(official_config), **overrides})
+swin_from_official = backbone_from_official(SwinTransformer, swin_config_from_official)
 
 
-def _register_backbones():
-  @BACKBONES.register("swin", from_official=swin_from_official, torch_ignore=TORCH_IGNORE)
-  def build_swin(**overrides):
-    """SwinTransformer with mmseg's constructor defaults, any field overridable."""
-    return SwinTransformer(**{k: _tuples(v) for k, v in overrides.items()})
-
-  for size, fields in SWIN_SIZES.items():
-    def build(_fields=fields, **overrides):
-      return SwinTransformer(**{**_fields, **{k: _tuples(v) for k, v in overrides.items()}})
-    build.__doc__ = (f"Swin-{size.upper()} (mmseg sizes: embed {fields['embed_dims']}, "
-                     f"depths {fields['depths']}, window {fields['window_size']}).")
-    BACKBONES.register(f"swin_{size}", from_official=swin_from_official,
-                       torch_ignore=TORCH_IGNORE)(build)
+def _size_doc(name: str) -> str:
+  size = name[len("swin_"):]
+  fields = SWIN_SIZES[size]
+  return (f"Swin-{size.upper()} (mmseg sizes: embed {fields['embed_dims']}, depths "
+          f"{fields['depths']}, window {fields['window_size']}).")
 
 
-_register_backbones()
+register_backbones(SwinTransformer, {f"swin_{size}": f for size, f in SWIN_SIZES.items()},
+                   family="swin", from_official=swin_from_official, torch_ignore=TORCH_IGNORE,
+                   doc=_size_doc)

@@ -32,15 +32,14 @@ global batch under ``jax.jit`` (see ``layers.BatchNorm``), the same thing.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from offseg_jax.models import layers
-from offseg_jax.models.mit import torch_fan_out_normal
-from offseg_jax.registry import BACKBONES
+from offseg_jax.models.family import as_field, backbone_from_official, register_backbones
+from offseg_jax.models.mit import MixFFN
 
 # Published VAN sizes (VAN-Classification / VAN-Segmentation); every size uses MLP
 # ratios (8, 8, 4, 4). Stochastic depth: the mmseg / VAN-Segmentation Semantic-FPN
@@ -55,17 +54,6 @@ for _fields in VAN_SIZES.values():
   _fields["mlp_ratios"] = (8, 8, 4, 4)
 
 
-def _conv(features, kernel, padding=0, stride=1, dilation=1, groups=1, dtype=jnp.float32,
-          name=None):
-  """A torch-initialised conv (N(0, 2/fan_out), as VAN's ``_init_weights``).
-
-  Depthwise convs (``groups == channels``) take ``layers.Conv2d``'s depthwise path,
-  which runs as shifted multiply-adds on CPU.
-  """
-  return layers.Conv2d(features, kernel, stride, padding, dilation, groups, dtype=dtype,
-                       kernel_init=torch_fan_out_normal(groups), name=name)
-
-
 class LKA(nn.Module):
   """Large-kernel attention (torch ``AttentionModule``): ``a * conv1(dw7x7_d3(dw5x5(a)))``.
 
@@ -78,69 +66,57 @@ class LKA(nn.Module):
   @nn.compact
   def __call__(self, a):
     c = a.shape[-1]
-    attn = _conv(c, 5, 2, groups=c, dtype=self.dtype, name="conv0")(a)
-    attn = _conv(c, 7, 9, dilation=3, groups=c, dtype=self.dtype, name="conv_spatial")(attn)
-    attn = _conv(c, 1, dtype=self.dtype, name="conv1")(attn)
+    attn = layers.fan_out_conv(c, 5, 2, groups=c, dtype=self.dtype, name="conv0")(a)
+    attn = layers.fan_out_conv(c, 7, 9, dilation=3, groups=c, dtype=self.dtype,
+                               name="conv_spatial")(attn)
+    attn = layers.fan_out_conv(c, 1, dtype=self.dtype, name="conv1")(attn)
     return a.astype(self.dtype) * attn
 
 
 class SpatialAttention(nn.Module):
-  """``proj_2(LKA(GELU(proj_1 x))) + x``: a residual onto the (normalised) input."""
+  """``proj_2(gate(GELU(proj_1 x))) + x``: a residual onto the (normalised) input.
+
+  The gating unit (torch ``spatial_gating_unit``) is :class:`LKA`; SegNeXt's
+  MSCAN swaps in its multi-scale conv attention (:meth:`gating_unit`).
+  """
   dtype: Any = jnp.float32
+
+  @nn.nowrap
+  def gating_unit(self) -> nn.Module:
+    return LKA(dtype=self.dtype, name="spatial_gating_unit")
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    y = layers.gelu(_conv(c, 1, dtype=self.dtype, name="proj_1")(x))
-    y = LKA(dtype=self.dtype, name="spatial_gating_unit")(y)
-    return _conv(c, 1, dtype=self.dtype, name="proj_2")(y) + x.astype(self.dtype)
+    y = layers.gelu(layers.fan_out_conv(c, 1, dtype=self.dtype, name="proj_1")(x))
+    y = self.gating_unit()(y)
+    return layers.fan_out_conv(c, 1, dtype=self.dtype, name="proj_2")(y) + x.astype(self.dtype)
 
 
-class Mlp(nn.Module):
-  """fc1 1x1 -> depthwise 3x3 (torch ``dwconv.dwconv``) -> GELU -> fc2 1x1.
+class VANBlock(layers.PreNormResidual):
+  """BN pre-norm block: attention then MLP, each layer-scaled (init 1e-2) and drop-pathed.
 
-  Dropout (``drop_rate``) follows the GELU and fc2, as in the official Mlp.
+  The MLP is SegFormer's Mix-FFN (fc1 1x1 -> depthwise 3x3 -> GELU -> fc2 1x1,
+  dropout after the GELU and fc2) with VAN's names (``mlp_names``).
   """
-  hidden: int
   drop_rate: float = 0.0
-  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    c = x.shape[-1]
-    y = _conv(self.hidden, 1, dtype=self.dtype, name="fc1")(x)
-    # The official DWConv wrapper holds the conv as ``dwconv``: the key is
-    # ``mlp.dwconv.dwconv.weight``.
-    y = _conv(self.hidden, 3, 1, groups=self.hidden, dtype=self.dtype,
-              name="dwconv.dwconv")(y)
-    y = layers.gelu(y)
-    if train and self.drop_rate > 0:
-      y = nn.Dropout(self.drop_rate, deterministic=False)(y)
-    y = _conv(c, 1, dtype=self.dtype, name="fc2")(y)
-    if train and self.drop_rate > 0:
-      y = nn.Dropout(self.drop_rate, deterministic=False)(y)
-    return y
+  layer_scale_init: ClassVar[float] = 1e-2
+  # The official DWConv wrapper holds the conv as ``dwconv``: ``mlp.dwconv.dwconv.weight``.
+  mlp_names: ClassVar[tuple[str, str, str]] = ("fc1", "dwconv.dwconv", "fc2")
 
+  @nn.nowrap
+  def pre_norm(self, x, name, train):
+    return layers.BatchNorm(dtype=self.dtype, name=name)(x, train)
 
-class VANBlock(nn.Module):
-  """BN pre-norm block: attention then MLP, each layer-scaled and drop-pathed."""
-  mlp_ratio: float = 4.0
-  drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  dtype: Any = jnp.float32
+  @nn.nowrap
+  def mixer(self, x, train):
+    return SpatialAttention(dtype=self.dtype, name="attn")(x)
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    c = x.shape[-1]
-    scale_init = nn.initializers.constant(1e-2)
-    ls1 = self.param("layer_scale_1", scale_init, (c,), jnp.float32).astype(self.dtype)
-    ls2 = self.param("layer_scale_2", scale_init, (c,), jnp.float32).astype(self.dtype)
-    y = layers.BatchNorm(dtype=self.dtype, name="norm1")(x, train)
-    y = SpatialAttention(dtype=self.dtype, name="attn")(y)
-    x = x + layers.DropPath(self.drop_path_rate)(ls1 * y, train)
-    y = layers.BatchNorm(dtype=self.dtype, name="norm2")(x, train)
-    y = Mlp(int(c * self.mlp_ratio), self.drop_rate, dtype=self.dtype, name="mlp")(y, train)
-    return x + layers.DropPath(self.drop_path_rate)(ls2 * y, train)
+  @nn.nowrap
+  def mlp(self, x, train):
+    return MixFFN(int(x.shape[-1] * self.mlp_ratio), self.drop_rate, names=self.mlp_names,
+                  dtype=self.dtype, name="mlp")(x, train)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -152,8 +128,8 @@ class OverlapPatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = _conv(self.features, self.patch_size, self.patch_size // 2, self.stride,
-              dtype=self.dtype, name="proj")(x)
+    x = layers.fan_out_conv(self.features, self.patch_size, self.patch_size // 2, self.stride,
+                            dtype=self.dtype, name="proj")(x)
     return layers.BatchNorm(dtype=self.dtype, name="norm")(x, train)
 
 
@@ -182,25 +158,17 @@ class VAN(nn.Module):
     if not len(self.embed_dims) == len(self.mlp_ratios) == len(self.depths):
       raise ValueError("embed_dims, mlp_ratios and depths need one entry per stage; got "
                        f"{self.embed_dims}, {self.mlp_ratios}, {self.depths}")
-    rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
-    x, outs, block = images, [], 0
+    x, outs = images, []
+    rates = layers.drop_path_rates(self.depths, self.drop_path_rate)
     for i, width in enumerate(self.embed_dims):
       x = OverlapPatchEmbed(width, 7 if i == 0 else 3, 4 if i == 0 else 2, dtype=self.dtype,
                             name=f"patch_embed{i + 1}")(x, train)
-      for j in range(self.depths[i]):
-        x = VANBlock(self.mlp_ratios[i], self.drop_rate, float(rates[block]),
-                     dtype=self.dtype, name=f"block{i + 1}.{j}")(x, train)
-        block += 1
+      for j, rate in enumerate(rates[i]):
+        x = VANBlock(mlp_ratio=self.mlp_ratios[i], drop_rate=self.drop_rate,
+                     drop_path_rate=rate, dtype=self.dtype, name=f"block{i + 1}.{j}")(x, train)
       x = layers.LayerNorm(self.norm_eps, dtype=self.dtype, name=f"norm{i + 1}")(x)
       outs.append(x)
     return tuple(outs)
-
-
-def _tuples(fields: Mapping[str, Any]) -> dict:
-  """Config lists -> tuples (nested too), so module fields stay hashable."""
-  def convert(value):
-    return tuple(convert(v) for v in value) if isinstance(value, (list, tuple)) else value
-  return {k: convert(v) for k, v in fields.items()}
 
 
 # Official constructor options that carry no architecture for us: weight loading
@@ -234,34 +202,21 @@ def van_config_from_official(cfg: Mapping[str, Any]) -> dict:
   act = cfg.get("act_cfg") or {"type": "GELU"}
   if act.get("type") != "GELU" or act.get("approximate", "none") != "none":
     raise ValueError(f"VAN act_cfg {dict(act)} is not supported (exact GELU only)")
-  fields = _tuples({k: cfg[k] for k in _MAPPED_OPTIONS if k in cfg})
+  fields = as_field({k: cfg[k] for k in _MAPPED_OPTIONS if k in cfg})
   stages = len(fields.get("embed_dims", VAN.embed_dims))
   if cfg.get("num_stages", stages) != stages:
     raise ValueError(f"VAN num_stages={cfg['num_stages']} does not match {stages} embed_dims")
   return fields
 
 
-def van_from_official(cfg: Mapping[str, Any], num_classes=None) -> VAN:
-  """``from_official`` of the VAN backbones: builds :class:`VAN` from an official config.
-
-  ``num_classes`` is unused (a backbone has no classifier).
-  """
-  del num_classes
-  return VAN(**van_config_from_official(cfg))
+van_from_official = backbone_from_official(VAN, van_config_from_official)
 
 
-def _register_backbones():
-  @BACKBONES.register("van", from_official=van_from_official)
-  def build_van(**overrides):
-    """VAN with mmseg's constructor defaults, any field overridable."""
-    return VAN(**_tuples(overrides))
-
-  for size, fields in VAN_SIZES.items():
-    def build(_fields=fields, **overrides):
-      return VAN(**{**_fields, **_tuples(overrides)})
-    build.__doc__ = (f"VAN-{size.upper()}: dims {fields['embed_dims']}, depths "
-                     f"{fields['depths']}, MLP ratios (8, 8, 4, 4).")
-    BACKBONES.register(f"van_{size}", from_official=van_from_official)(build)
+def _size_doc(name: str) -> str:
+  fields = VAN_SIZES[name[len("van_"):]]
+  return (f"VAN-{name[len('van_'):].upper()}: dims {fields['embed_dims']}, depths "
+          f"{fields['depths']}, MLP ratios (8, 8, 4, 4).")
 
 
-_register_backbones()
+register_backbones(VAN, {f"van_{size}": fields for size, fields in VAN_SIZES.items()},
+                   family="van", from_official=van_from_official, doc=_size_doc)
