@@ -62,11 +62,9 @@ def _hw(value, default) -> tuple[int, int]:
   return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
 
 
-def _time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
-  """(compile + first call seconds, seconds of each timed iteration) of ``fn()``."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - start
+def step_times(fn, steps: int, warmup: int) -> list[float]:
+  """Seconds of each of ``steps`` calls of ``fn()`` (each timed on its own, to
+  ``block_until_ready``), after ``warmup`` untimed calls."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
@@ -74,7 +72,15 @@ def _time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return first, times
+  return times
+
+
+def _time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+  """(compile + first call seconds, seconds of each timed iteration) of ``fn()``."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  return first, step_times(fn, steps, warmup)
 
 
 def _summary(first: float, times: list[float], images: int, unit: str) -> dict[str, Any]:

@@ -77,6 +77,7 @@ import numpy as np
 
 from input_pipeline import datasets, loader, storage
 from offseg_jax import cli, losses, optim, train
+from offseg_jax.tools import benchmark
 from offseg_jax.models import construction, layers
 
 FLAGS = flags.FLAGS
@@ -407,14 +408,7 @@ def _clip(text: str, width: int) -> str:
 
 def _median_ms(fn, steps: int, warmup: int) -> list[float]:
   """Wall milliseconds of ``steps`` calls of ``fn`` after ``warmup`` calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(max(steps, 1)):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - start) * 1e3)
-  return times
+  return [t * 1e3 for t in benchmark.step_times(fn, steps, warmup)]
 
 
 def build(config, *, batch: int, size: Sequence[int]):
