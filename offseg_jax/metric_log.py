@@ -11,9 +11,9 @@
 
 A resumed run keeps the lines up to the restored step and drops the later ones
 the interrupted run had written, so the file holds one curve, as if the run had
-never stopped. The file is rewritten whole on :meth:`MetricLog.flush` (a few
-hundred bytes per logged step), which also works on object stores without
-append (``gs://``).
+never stopped. The file is rewritten whole on :meth:`MetricLog.flush` (the
+trainer flushes at each checkpoint and evaluation, not at every logged step),
+which also works on object stores without append (``gs://``).
 """
 
 from __future__ import annotations

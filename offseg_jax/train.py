@@ -404,7 +404,6 @@ def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
              f"{step_metrics['lr']:.3e} | {ips:.1f} img/s | ETA {_fmt_eta(eta)}")
         writer.scalars(step, step_metrics, "train/")
         writer.scalars(step, {"images_per_sec": ips}, "train/")
-        writer.flush()
         t_last, step_last = now, step
       preempted = preempt.reached(step)
       is_eval = step % config.eval_every == 0 or step == total
@@ -412,6 +411,7 @@ def _train_and_evaluate(config, workdir: epath.Path, preempt) -> dict:
         loss_watch.check_all()            # a non-finite loss never reaches a checkpoint
         # Saved before evaluating: an evaluation that fails costs no training.
         checkpointing.save(manager, step, state, meta, force=preempted)
+        writer.flush()      # the curve up to every checkpoint survives a kill
         _log(f"saved checkpoint at step {step}")
       if preempted:
         manager.wait_until_finished()
