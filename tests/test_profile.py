@@ -306,3 +306,79 @@ def test_carafe_gradient_checks_against_finite_differences():
     masks = jnp.asarray(rng.normal(size=(1, 6, 8, 2 * 9)))
     check_grads(lambda x, m: freqfusion.carafe(x, m, 3, 2, 2) ** 2, (x, masks), order=1,
                 modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Depthwise convolutions: the hand-written gradient of the unit-stride form.
+# ---------------------------------------------------------------------------
+
+def _grouped_conv(x, kernel, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize("kernel,padding", [
+    ((3, 3), ((1, 1), (1, 1))), ((5, 5), ((2, 2), (2, 2))), ((1, 7), ((0, 0), (3, 3))),
+    ((21, 1), ((10, 10), (0, 0))), ((3, 3), ((0, 0), (0, 0))), ((3, 2), ((1, 0), (0, 1)))])
+@pytest.mark.parametrize("chunk_bytes", [1 << 19, 400])
+def test_depthwise_gradient_equals_autodiff_of_the_grouped_convolution(
+    kernel, padding, chunk_bytes, monkeypatch):
+  # 400 bytes: the kernel-gradient loop takes 2 rows of (2, 11, 4) per step,
+  # so 13 rows end in a chunk padded with a zero row.
+  monkeypatch.setattr(layers, "_KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
+  rng = np.random.default_rng(sum(kernel) + chunk_bytes)
+  x = jnp.asarray(rng.normal(size=(2, 13, 11, 4)).astype(np.float32))
+  k = jnp.asarray(rng.normal(size=(*kernel, 1, 4)).astype(np.float32))
+  y = _grouped_conv(x, k, padding)
+  cot = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+  want = jax.grad(lambda x, k: jnp.sum(_grouped_conv(x, k, padding) * cot), (0, 1))(x, k)
+  with layers.depthwise_impl("shift"):
+    fn = lambda x, k: jnp.sum(layers.depthwise_shift_add(x, k, padding=padding) * cot)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(fn)(x, k))
+    np.testing.assert_allclose(np.asarray(layers.depthwise_shift_add(x, k, padding=padding)),
+                               np.asarray(y), rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(fn, (0, 1)))(x, k)
+    with layers.reference_forms():   # a new function: traces are cached per function
+      fn = lambda x, k: jnp.sum(layers.depthwise_shift_add(x, k, padding=padding) * cot)
+      assert "custom_vjp_call" not in str(jax.make_jaxpr(fn)(x, k))
+      ref = jax.grad(fn, (0, 1))(x, k)
+  for g, w, r in zip(got, want, ref):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_gradient_checks_against_finite_differences(monkeypatch):
+  monkeypatch.setattr(layers, "_KERNEL_GRAD_CHUNK_BYTES", 200)   # several chunks
+  rng = np.random.default_rng(9)
+  with jax.enable_x64(), layers.depthwise_impl("shift"):
+    x = jnp.asarray(rng.normal(size=(1, 7, 5, 3)))
+    k = jnp.asarray(rng.normal(size=(3, 5, 1, 3)))
+    check_grads(lambda x, k: layers.depthwise_shift_add(x, k, padding=((1, 1), (2, 2))) ** 2,
+                (x, k), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_strided_and_dilated_depthwise_convs_keep_jax_gradient():
+  x = jnp.ones((1, 8, 8, 2))
+  k = jnp.ones((3, 3, 1, 2))
+  with layers.depthwise_impl("shift"):
+    for kwargs in (dict(stride=(2, 2)), dict(dilation=(2, 2)), dict(padding=((3, 3), (0, 0)))):
+      fn = lambda x: layers.depthwise_shift_add(x, k, **kwargs)
+      assert "custom_vjp_call" not in str(jax.make_jaxpr(fn)(x)), kwargs
+
+
+def test_depthwise_gradient_in_bfloat16_keeps_the_dtypes():
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.bfloat16)
+  k = jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.bfloat16)
+  pad = ((1, 1), (1, 1))
+  with layers.depthwise_impl("shift"):
+    gx, gk = jax.grad(lambda x, k: jnp.sum(layers.depthwise_shift_add(x, k, padding=pad)
+                                           .astype(jnp.float32) ** 2), (0, 1))(x, k)
+  wx, wk = jax.grad(lambda x, k: jnp.sum(_grouped_conv(x, k, pad).astype(jnp.float32) ** 2),
+                    (0, 1))(x.astype(jnp.float32), k.astype(jnp.float32))
+  assert gx.dtype == gk.dtype == jnp.bfloat16
+  for g, w in ((gx, wx), (gk, wk)):
+    scale = float(jnp.abs(w).max())
+    assert float(jnp.abs(g.astype(jnp.float32) - w).max()) <= 0.05 * scale

@@ -256,8 +256,21 @@ def depthwise_shift_add(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dila
   """Depthwise conv (HWIO kernel with I=1) as a sum of k*k shifted, strided slices.
 
   Same result as ``conv_general_dilated(..., feature_group_count=C)`` up to the
-  order of the float additions.
+  order of the float additions. Unit-stride, undilated convs (all but a few
+  downsampling ones) take a hand-written gradient on CPU
+  (:func:`_depthwise_unit_stride`); inside :func:`reference_forms`, and for
+  the rest, jax differentiates the shifted slices.
   """
+  kh, kw = kernel.shape[:2]
+  (pt, pb), (pl, pr) = padding
+  if (cpu_forms() and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+      and max(pt, pb) < kh and max(pl, pr) < kw):
+    return _depthwise_unit_stride(x, kernel, ((pt, pb), (pl, pr)))
+  return _shifted_taps(x, kernel, stride, padding, dilation)
+
+
+def _shifted_taps(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)):
+  """The forward of :func:`depthwise_shift_add`: the k*k taps summed in order."""
   kh, kw = kernel.shape[:2]
   (pt, pb), (pl, pr) = padding
   sh, sw = stride
@@ -275,6 +288,76 @@ def depthwise_shift_add(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dila
       term = tap * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
+
+
+# Rows of (batch, width, channels) per step of the kernel-gradient loop: about
+# 512 KiB of output gradient (and as much input), so that every tap re-reads
+# them from cache rather than from memory (256 KiB to 1 MiB measured within
+# 10 % of each other on SegNeXt-T's shapes, 2 MiB 1.5-2.5x slower).
+_KERNEL_GRAD_CHUNK_BYTES = 1 << 19
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_unit_stride(x, kernel, padding):
+  """A unit-stride depthwise conv as shifted taps, with a hand-written gradient.
+
+  jax's own gradient of the shifted slices keeps every tap of the input alive
+  for the kernel gradient (XLA writes each one out in the forward) and reduces
+  each tap over the whole batch in its own pass from memory: 8-25 passes over
+  two activations per conv, the largest cost of SegNeXt's training step on CPU
+  (docs/performance.md). Here the input gradient is the same shift-and-add on
+  the output gradient with the flipped kernel, and the kernel gradient loops
+  over chunks of rows small enough to stay in cache, summing all taps of a
+  chunk while it is there.
+  """
+  return _shifted_taps(x, kernel, padding=padding)
+
+
+def _depthwise_unit_stride_fwd(x, kernel, padding):
+  return _shifted_taps(x, kernel, padding=padding), (x, kernel)
+
+
+def _depthwise_unit_stride_bwd(padding, residuals, g):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  (pt, pb), (pl, pr) = padding
+  # x[h] meets g[h + pt - i] through tap i: padding g by kh-1-pt on top turns
+  # that into tap kh-1-i of a plain forward conv.
+  grad_x = _shifted_taps(g, kernel[::-1, ::-1],
+                         padding=((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+  return grad_x.astype(x.dtype), _depthwise_kernel_grad(x, g, kernel, padding)
+
+
+_depthwise_unit_stride.defvjp(_depthwise_unit_stride_fwd, _depthwise_unit_stride_bwd)
+
+
+def _depthwise_kernel_grad(x, g, kernel, padding):
+  """sum over (b, h, w) of padded-x[b, h+i, w+j, c] * g[b, h, w, c], for every tap (i, j).
+
+  Loops over chunks of output rows (``lax.map``): each step slices the rows of
+  padded x a chunk needs (with the kh-1 halo rows) and sums every tap over
+  them. The batch axis is kept until the end so that a batch sharded over
+  devices is reduced once, after the loop. Accumulates in float32.
+  """
+  kh, kw = kernel.shape[:2]
+  (pt, pb), (pl, pr) = padding
+  b, h, w, c = g.shape
+  row_bytes = b * w * c * 4
+  rows = int(max(1, min(h, _KERNEL_GRAD_CHUNK_BYTES // row_bytes)))
+  chunks = -(-h // rows)
+  extra = chunks * rows - h  # zero rows of g (and x) that round h up to whole chunks
+  g = jnp.pad(g.astype(jnp.float32), ((0, 0), (0, extra), (0, 0), (0, 0)))
+  xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (pt, pb + extra), (pl, pr), (0, 0)))
+
+  def chunk_taps(start):
+    x_rows = jax.lax.dynamic_slice_in_dim(xp, start, rows + kh - 1, axis=1)
+    g_rows = jax.lax.dynamic_slice_in_dim(g, start, rows, axis=1)
+    return jnp.stack([jnp.sum(x_rows[:, i:i + rows, j:j + w] * g_rows, axis=(1, 2))
+                      for i in range(kh) for j in range(kw)], axis=1)  # (b, taps, c)
+
+  per_chunk = jax.lax.map(chunk_taps, jnp.arange(chunks) * rows)
+  grad = jnp.sum(per_chunk, axis=(0, 1))
+  return rearrange(grad, "(i j) c -> i j 1 c", i=kh).astype(kernel.dtype)
 
 
 class Linear(nn.Dense):
