@@ -34,7 +34,8 @@ def test_cross_entropy_upsamples_logits_to_the_label_size():
   logits = jnp.zeros((1, 2, 2, 3)).at[..., 1].set(5.0)
   labels = jnp.ones((1, 8, 8), jnp.int32)
   loss = losses.cross_entropy(logits, {}, labels)
-  np.testing.assert_allclose(loss, -jax.nn.log_softmax(jnp.array([0.0, 5.0, 0.0]))[1], rtol=1e-6)
+  # logsumexp - logit loses ~1e-5 relative to float32 rounding when the loss is small.
+  np.testing.assert_allclose(loss, -jax.nn.log_softmax(jnp.array([0.0, 5.0, 0.0]))[1], rtol=2e-5)
 
 
 def test_build_loss_weights_and_rejects_unknown_names():

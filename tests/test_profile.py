@@ -3,8 +3,8 @@
 * the profiler runs the trainer's step on the tiny model and prints forward and
   backward tables with rows (a smoke test of the trace parsing);
 * every hand-written gradient (bilinear upsampling, non-overlapping max pool,
-  CARAFE) equals jax's autodiff of the reference formulation (and finite
-  differences);
+  CARAFE, unit-stride depthwise convolutions, GELU) equals jax's autodiff of
+  the reference formulation (and finite differences);
 * 1x1 convolutions as matmuls equal ``conv_general_dilated``, values and
   gradients, and a whole SegFormer-OL train-step gradient is the same under
   the reference forms (``layers.reference_forms``) and the current ones.
@@ -382,3 +382,29 @@ def test_depthwise_gradient_in_bfloat16_keeps_the_dtypes():
   for g, w in ((gx, wx), (gk, wk)):
     scale = float(jnp.abs(w).max())
     assert float(jnp.abs(g.astype(jnp.float32) - w).max()) <= 0.05 * scale
+
+
+# ---------------------------------------------------------------------------
+# GELU: the hand-written gradient.
+# ---------------------------------------------------------------------------
+
+def test_gelu_gradient_equals_autodiff_of_the_erf_form():
+  x = jnp.linspace(-8.0, 8.0, 1601, dtype=jnp.float32)
+  want = jax.grad(lambda x: jnp.sum(nn.gelu(x, approximate=False) * jnp.cos(x)))(x)
+  with layers.depthwise_impl("shift"):
+    fn = lambda x: jnp.sum(layers.gelu(x) * jnp.cos(x))
+    assert "custom_vjp_call" in str(jax.make_jaxpr(fn)(x))
+    np.testing.assert_array_equal(np.asarray(layers.gelu(x)),
+                                  np.asarray(nn.gelu(x, approximate=False)))
+    got = jax.jit(jax.grad(fn))(x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  with layers.depthwise_impl("conv"):     # accelerators keep jax's own derivative
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda x: layers.gelu(x))(x))
+  with jax.enable_x64(), layers.depthwise_impl("shift"):
+    check_grads(layers.gelu, (jnp.linspace(-5.0, 5.0, 41),), order=1, modes=["rev"])
+  with layers.depthwise_impl("shift"):
+    gb = jax.grad(lambda x: jnp.sum(layers.gelu(x).astype(jnp.float32)))(x.astype(jnp.bfloat16))
+  assert gb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gb, np.float32),
+                             np.asarray(jax.grad(lambda x: jnp.sum(nn.gelu(x, False)))(x)),
+                             atol=0.02)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping
 
-import jax
 import jax.numpy as jnp
+import optax
 
 from offseg_jax.models import layers
 
@@ -54,8 +54,11 @@ def cross_entropy(logits, aux, labels, *, ignore_index: int = 255,
   logits = layers.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
   valid = labels != ignore_index
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  # optax subtracts the log-normaliser from the picked logits only, never
+  # writing out log-probabilities over all classes: 2.4x faster than
+  # log_softmax + take_along_axis on SegFormer's 2x512x512x150 logits on CPU,
+  # value and gradient identical (docs/performance.md).
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
   nll = jnp.where(valid, nll, 0.0)
   if avg_non_ignore:
     return nll.sum() / jnp.maximum(valid.sum(), 1)
