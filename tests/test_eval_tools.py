@@ -267,6 +267,8 @@ def test_benchmark_times_each_step_and_reports_the_median(monkeypatch):
   summary = benchmark._summary(first, times, 4, "step")
   assert summary["median_s"] == pytest.approx(0.7)          # not the mean (1.4)
   assert summary["images_per_s"] == pytest.approx(4 / 0.7)
+  with pytest.raises(ValueError, match="steps must be at least 1"):
+    benchmark.step_times(lambda: 0, steps=0, warmup=0)   # no empty median later
 
 
 def test_compare_with_torch_prints_ratios_from_the_same_settings(monkeypatch, capsys):

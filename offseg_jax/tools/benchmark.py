@@ -65,6 +65,8 @@ def _hw(value, default) -> tuple[int, int]:
 def step_times(fn, steps: int, warmup: int) -> list[float]:
   """Seconds of each of ``steps`` calls of ``fn()`` (each timed on its own, to
   ``block_until_ready``), after ``warmup`` untimed calls."""
+  if steps < 1:
+    raise ValueError(f"steps must be at least 1 to time anything, got {steps}")
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
@@ -235,10 +237,11 @@ def define_flags():
   can be imported together (they share flag names)."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
                                   lock_config=True)
-  flags.DEFINE_integer("batch", 8, "Images per training / whole-inference step.")
+  flags.DEFINE_integer("batch", 8, "Images per training / whole-inference step.",
+                       lower_bound=1)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
-  flags.DEFINE_integer("steps", 20, "Timed iterations per mode.")
-  flags.DEFINE_integer("warmup", 3, "Untimed iterations after compilation.")
+  flags.DEFINE_integer("steps", 20, "Timed iterations per mode.", lower_bound=1)
+  flags.DEFINE_integer("warmup", 3, "Untimed iterations after compilation.", lower_bound=0)
   flags.DEFINE_list("size", None, "H,W of training / whole-inference inputs "
                     "(default: config.data.crop_size).")
   flags.DEFINE_list("slide_size", None, "H,W of the slide-inference image "

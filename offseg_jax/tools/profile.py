@@ -406,8 +406,8 @@ def _clip(text: str, width: int) -> str:
 # The step.
 # ----------------------------------------------------------------------------
 
-def _median_ms(fn, steps: int, warmup: int) -> list[float]:
-  """Wall milliseconds of ``steps`` calls of ``fn`` after ``warmup`` calls."""
+def _step_ms(fn, steps: int, warmup: int) -> list[float]:
+  """Wall milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` calls."""
   return [t * 1e3 for t in benchmark.step_times(fn, steps, warmup)]
 
 
@@ -515,8 +515,8 @@ def profile(config, *, batch: int = 2, size: Sequence[int] = (512, 512), steps: 
   p = programs or compile_programs(config, batch=batch, size=size, reference=reference)
   say(f"compiled{' (reference forms)' if reference else ''}: train step "
       f"{p.train_compile_s:.1f} s, forward {p.forward_compile_s:.1f} s")
-  train_ms = _median_ms(p.run_train, steps, warmup)
-  forward_ms = _median_ms(p.run_forward, steps, warmup) if forward_ops else []
+  train_ms = _step_ms(p.run_train, steps, warmup)
+  forward_ms = _step_ms(p.run_forward, steps, warmup) if forward_ops else []
 
   own_dir = trace_dir is None
   trace_dir = trace_dir or tempfile.mkdtemp(prefix="offseg_profile_")
@@ -621,11 +621,12 @@ def define_flags():
   """Command-line flags (defined only when run as a program)."""
   config_flags.DEFINE_config_file("config", None, "Experiment config: path.py[:arg].",
                                   lock_config=True)
-  flags.DEFINE_integer("batch", 2, "Training batch (crops).")
+  flags.DEFINE_integer("batch", 2, "Training batch (crops).", lower_bound=1)
   flags.DEFINE_list("size", ["512"], "Crop H[,W] (default 512).")
   flags.DEFINE_integer("top", 25, "Rows per table.")
-  flags.DEFINE_integer("steps", 3, "Timed and traced calls of each program (A/B: repeats).")
-  flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
+  flags.DEFINE_integer("steps", 3, "Timed and traced calls of each program (A/B: repeats).",
+                       lower_bound=1)
+  flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.", lower_bound=0)
   flags.DEFINE_enum("group", "op", ["op", "module", "kind"],
                     "Table rows: kind+module+primitive, module, or kind.")
   flags.DEFINE_bool("forward", True, "Also profile the inference forward.")
